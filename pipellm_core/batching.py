@@ -36,7 +36,7 @@ class ContinuousBatcher:
 
     def _accept(self, req: Request, token: int) -> bool:
         """Record a sampled token; returns whether the caller should see it."""
-        if self.tokenizer.is_end_of_generation(token):
+        if self.tokenizer.is_end_of_generation(token) and not req.ignore_eos:
             req.finish_reason = "stop"
             return False
         req.generated.append(token)

@@ -126,6 +126,14 @@ class ModelFile:
             raise GGUFError(f"GGUF lacks tensors {missing}: {self.path}")
         return config
 
+    def decode_weight_bytes(self) -> int:
+        """Bytes of weights one decode step reads: every tensor but the embedding table, plus the
+        embedding when it doubles as the output head."""
+        total = sum(t.nbytes for name, t in self.tensors.items() if name != "token_embd.weight")
+        if "output.weight" not in self.tensors:
+            total += self.tensors["token_embd.weight"].nbytes
+        return total
+
     @staticmethod
     def layer_tensor_names(i: int) -> list[str]:
         return [f"blk.{i}.{p}.weight" for p in (

@@ -16,6 +16,7 @@ class Request:
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (end of generation or stop string) or "length"
     slot: int = -1
+    ignore_eos: bool = False  # benchmarks: always generate max_tokens
 
     def __post_init__(self):
         self.sampler = Sampler(self.params)
