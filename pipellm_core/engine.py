@@ -54,7 +54,8 @@ class Engine(ContinuousBatcher):
         self.plan = LoadPlan.empty(self.config.n_layers)
         self.pm.hook.load(plan=self.plan, config=self.config, engine=self)
         self.weights = load_weights(self.file, self.plan, progress)
-        self.cache = KVCache(self.config, max_batch, ctx_size, self.dtype, self.weights.layer_devices)
+        # fp16 keys and values, as llama.cpp keeps them by default
+        self.cache = KVCache(self.config, max_batch, ctx_size, torch.float16, self.weights.layer_devices)
         self.model = Transformer(self.config, self.weights, self.cache, self.dtype)
         self.tokenizer = tokenizer or Tokenizer(self.file.path)
         self.stats = GenerationStats()
