@@ -20,7 +20,7 @@ if [ "$phase" = start ]; then
   mkdir -p "$work/src" && tar -xzf "$work"/llama-cpp-python-*.tar.gz -C "$work/src"
   cd "$work/src"/llama_cpp_python-*
   CUDACXX=/usr/local/cuda/bin/nvcc \
-  CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90a -DGGML_NATIVE=off -DLLAVA_BUILD=off -DGGML_CUDA_NCCL=off -DGGML_OPENMP=OFF" \
+  CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90a -DGGML_NATIVE=off -DLLAVA_BUILD=off -DGGML_CUDA_NCCL=off" \
   CMAKE_BUILD_PARALLEL_LEVEL=16 setsid nohup python3 -m pip install --no-build-isolation --no-deps \
     --target "$work/llama" . > "$work/build.log" 2>&1 &
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv

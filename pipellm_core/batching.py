@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Iterable, Iterator
 
+import torch
+
 from .errors import ContextLengthError, PipeLLMError
 from .request import Request, Timer
 
@@ -61,7 +63,7 @@ class ContinuousBatcher:
             if admitted:
                 with Timer() as t:
                     logits = self.prefill_logits(admitted)
-                    picks = [r.sampler(logits[i], r.history()) for i, r in enumerate(admitted)]
+                    picks = self._pick(admitted, logits)
                 self.stats.prefill_tokens += sum(len(r.prompt_tokens) for r in admitted)
                 self.stats.prefill_seconds += t.seconds
                 for req, tok in zip(admitted, picks):
@@ -75,7 +77,7 @@ class ContinuousBatcher:
                 continue
             with Timer() as t:
                 logits = self.decode_logits(active)
-                picks = [r.sampler(logits[i], r.history()) for i, r in enumerate(active)]
+                picks = self._pick(active, logits)
             self.stats.decode_seconds += t.seconds
             self.stats.decode_tokens += len(active)
             self.stats.decode_steps += 1
@@ -83,6 +85,14 @@ class ContinuousBatcher:
                 if not req.finished and self._accept(req, tok):
                     yield req, tok
             active = self._retire(active, free)
+
+    @staticmethod
+    def _pick(reqs: list[Request], logits) -> list[int]:
+        """Next token of each request; all-greedy batches take one argmax (one device sync)."""
+        if all(r.params.greedy and r.params.repeat_penalty == 1.0 for r in reqs):
+            stacked = logits if isinstance(logits, torch.Tensor) else torch.stack(list(logits))
+            return stacked.argmax(-1).tolist()
+        return [r.sampler(logits[i], r.history()) for i, r in enumerate(reqs)]
 
     def _retire(self, active: list[Request], free: list[int]) -> list[Request]:
         for req in active:

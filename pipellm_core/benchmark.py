@@ -49,6 +49,13 @@ def measure_decode(backend, *, batch: int, prompt_tokens: int, n_predict: int, r
     prompts = synthetic_prompts(batch, prompt_tokens, backend.tokenizer.vocab_size)
     steps, prefill, tokens = [], [], []
     for i in range(warmup + repeats):
+        if hasattr(backend, "session"):  # llama.cpp: the whole run inside its own process
+            r = backend.session.timed_greedy_run(prompts, n_predict)
+            if i >= warmup:
+                steps.append(r["decode_seconds"] / r["decode_steps"])
+                prefill.append(batch * prompt_tokens / r["prefill_seconds"])
+                tokens = r["tokens"]
+            continue
         backend.stats = GenerationStats()
         reqs = [Request(p, n_predict, SamplingParams(temperature=0), ignore_eos=True) for p in prompts]
         for _ in backend.generate(reqs):

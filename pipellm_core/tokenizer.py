@@ -1,37 +1,42 @@
-"""Tokenization done by llama.cpp's own vocabulary code on the same GGUF (loaded vocab-only), so
-token ids are identical to llama.cpp's by construction rather than by reimplementation."""
+"""Tokenization by llama.cpp's own vocabulary code on the same GGUF (loaded vocab-only), so
+token ids are identical to llama.cpp's by construction rather than by reimplementation.
+
+Text comes back from a table of every token's bytes, read from llama.cpp once, so decoding
+costs no call into llama.cpp (which may live in a worker process).
+"""
 
 from __future__ import annotations
 
 import codecs
 
 from .errors import GGUFError
+from .llamacpp_worker import open_session
 
 
 class Tokenizer:
     def __init__(self, model_path: str):
-        import llama_cpp
-
         try:
-            self._vocab = llama_cpp.Llama(model_path, vocab_only=True, verbose=False)
+            session = open_session(model_path, vocab_only=True)
+            info = session.vocab_info()
         except Exception as e:
             raise GGUFError(f"llama.cpp could not read the vocabulary of {model_path}: {e}") from None
-        self.bos_id = self._vocab.token_bos()
-        self.eos_id = self._vocab.token_eos()
-        self.vocab_size = self._vocab.n_vocab()
-        meta = self._vocab.metadata
-        self.chat_template = meta.get("tokenizer.chat_template", "")
-        self.add_bos = meta.get("tokenizer.ggml.add_bos_token", "true") == "true" and self.bos_id >= 0
-        self._eog = {i for i in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(
-            self._vocab._model.vocab, i)} if hasattr(llama_cpp, "llama_vocab_is_eog") else {self.eos_id}
+        self._session = session
+        self.vocab_size = info["n_vocab"]
+        self.bos_id, self.eos_id = info["bos"], info["eos"]
+        self.add_bos = info["add_bos"] and self.bos_id >= 0
+        self.chat_template = info["chat_template"]
+        self._eog = frozenset(info["eog"])
+        self._pieces = info["pieces"]
 
     def encode(self, text: str, add_bos: bool | None = None, special: bool = True) -> list[int]:
         """Token ids for `text`; BOS is added when the model's metadata asks for it."""
         bos = self.add_bos if add_bos is None else add_bos
-        return self._vocab.tokenize(text.encode("utf-8"), add_bos=bos, special=special)
+        return self._session.tokenize(text.encode("utf-8"), bos, special)
 
     def token_bytes(self, ids: list[int]) -> bytes:
-        return self._vocab.detokenize(ids)
+        out = b"".join(self._pieces[i] for i in ids)
+        # as llama.cpp's detokenizer: no leading space right after BOS
+        return out[1:] if ids and ids[0] == self.bos_id and out[:1] == b" " else out
 
     def decode(self, ids: list[int]) -> str:
         return self.token_bytes(ids).decode("utf-8", errors="replace")

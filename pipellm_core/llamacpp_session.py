@@ -1,0 +1,157 @@
+"""llama.cpp through llama-cpp-python's low-level API, with no torch in sight.
+
+This module must not import torch: on machines where torch's CUDA build and llama.cpp's CUDA
+build are loaded into one process, loading a model crashes (seen on our H100 machines), so
+there it runs in a worker process of its own (`llamacpp_worker.py`). Everything it returns is
+plain Python or numpy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+
+import numpy as np
+
+_backend_ready = False
+
+
+def _lib():
+    import llama_cpp
+
+    global _backend_ready
+    if not _backend_ready:
+        llama_cpp.llama_backend_init()
+        _backend_ready = True
+    return llama_cpp
+
+
+class LlamaCppSession:
+    """One llama.cpp model with a context of `max_batch` sequences (vocab-only if asked)."""
+
+    def __init__(self, model_path: str, *, vocab_only: bool = False, gpu: bool = False,
+                 max_batch: int = 1, ctx_size: int = 2048, n_gpu_layers: int | None = None,
+                 flash_attn: bool = True, n_threads: int | None = None):
+        lib = self.lib = _lib()
+        mparams = lib.llama_model_default_params()
+        mparams.vocab_only = vocab_only
+        mparams.n_gpu_layers = (-1 if gpu else 0) if n_gpu_layers is None else n_gpu_layers
+        self.model = lib.llama_model_load_from_file(model_path.encode(), mparams)
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {model_path}")
+        self.vocab = lib.llama_model_get_vocab(self.model)
+        self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
+        self.ctx = None
+        if vocab_only:
+            return
+        cparams = lib.llama_context_default_params()
+        cparams.n_ctx = ctx_size * max_batch
+        cparams.n_batch = cparams.n_ubatch = max(512, max_batch)
+        cparams.n_seq_max = max_batch
+        cparams.flash_attn_type = 1 if (flash_attn and gpu) else 0
+        if n_threads:
+            cparams.n_threads = cparams.n_threads_batch = n_threads
+        self.ctx = lib.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            raise RuntimeError("llama.cpp could not create a context (out of memory?)")
+        self.n_batch = cparams.n_batch
+        self.batch = lib.llama_batch_init(self.n_batch, 0, 1)
+        self.memory = lib.llama_get_memory(self.ctx)
+        self.sampler = lib.llama_sampler_init_greedy()
+
+    def close(self) -> None:
+        lib = self.lib
+        if self.ctx:
+            lib.llama_sampler_free(self.sampler)
+            lib.llama_batch_free(self.batch)
+            lib.llama_free(self.ctx)
+            self.ctx = None
+        if self.model:
+            lib.llama_model_free(self.model)
+            self.model = None
+
+    # --- vocabulary ----------------------------------------------------------------------
+
+    def vocab_info(self) -> dict:
+        lib, v = self.lib, self.vocab
+        return {
+            "n_vocab": self.n_vocab,
+            "bos": lib.llama_vocab_bos(v),
+            "eos": lib.llama_vocab_eos(v),
+            "add_bos": bool(lib.llama_vocab_get_add_bos(v)),
+            "eog": [t for t in range(self.n_vocab) if lib.llama_vocab_is_eog(v, t)],
+            "chat_template": self.metadata("tokenizer.chat_template"),
+            "pieces": [self.piece(t) for t in range(self.n_vocab)],
+        }
+
+    def metadata(self, key: str) -> str:
+        size = 1 << 20
+        buf = ctypes.create_string_buffer(size)
+        n = self.lib.llama_model_meta_val_str(self.model, key.encode(), buf, size)
+        return buf.value.decode("utf-8", errors="replace") if n >= 0 else ""
+
+    def piece(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(256)
+        n = self.lib.llama_token_to_piece(self.vocab, token, buf, 256, 0, False)
+        return bytes(buf[:max(n, 0)])
+
+    def tokenize(self, text: bytes, add_bos: bool, special: bool) -> list[int]:
+        n_max = len(text) + 16
+        out = (self.lib.llama_token * n_max)()
+        n = self.lib.llama_tokenize(self.vocab, text, len(text), out, n_max, add_bos, special)
+        if n < 0:  # buffer too small: -n is the size needed
+            out = (self.lib.llama_token * -n)()
+            n = self.lib.llama_tokenize(self.vocab, text, len(text), out, -n, add_bos, special)
+        return list(out[:n])
+
+    # --- decoding ------------------------------------------------------------------------
+
+    def release(self, seq: int) -> None:
+        self.lib.llama_memory_seq_rm(self.memory, seq, -1, -1)
+
+    def decode(self, items: list[tuple[int, int, int, bool]], greedy: bool = False):
+        """Decode (token, position, sequence, wants_output) items, in chunks of n_batch.
+
+        Returns, for each item that wants output, its logits (float32 numpy [vocab]) or, with
+        `greedy`, the argmax token chosen by llama.cpp's own greedy sampler.
+        """
+        lib, b, out = self.lib, self.batch, []
+        for start in range(0, len(items), self.n_batch):
+            chunk = items[start:start + self.n_batch]
+            b.n_tokens = len(chunk)
+            for i, (tok, pos, seq, want) in enumerate(chunk):
+                b.token[i], b.pos[i], b.n_seq_id[i] = tok, pos, 1
+                b.seq_id[i][0] = seq
+                b.logits[i] = want
+            rc = lib.llama_decode(self.ctx, b)
+            if rc != 0:
+                raise RuntimeError(f"llama.cpp decode failed with code {rc}")
+            for i, (_, _, _, want) in enumerate(chunk):
+                if not want:
+                    continue
+                if greedy:
+                    out.append(lib.llama_sampler_sample(self.sampler, self.ctx, i))
+                else:
+                    ptr = lib.llama_get_logits_ith(self.ctx, i)
+                    out.append(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
+        return out
+
+    def timed_greedy_run(self, prompts: list[list[int]], n_predict: int) -> dict:
+        """A whole benchmark run inside llama.cpp's process: prefill every prompt (one sequence
+        each), then `n_predict - 1` greedy decode steps for all of them together."""
+        for s in range(len(prompts)):
+            self.release(s)
+        t0 = time.perf_counter()
+        items = [(t, p, s, p == len(pr) - 1) for s, pr in enumerate(prompts) for p, t in enumerate(pr)]
+        last = self.decode(items, greedy=True)
+        t1 = time.perf_counter()
+        tokens = [[t] for t in last]
+        pos = [len(p) for p in prompts]
+        for _ in range(n_predict - 1):
+            last = self.decode([(last[s], pos[s], s, True) for s in range(len(prompts))], greedy=True)
+            for s, t in enumerate(last):
+                tokens[s].append(t)
+                pos[s] += 1
+        t2 = time.perf_counter()
+        return {"prefill_seconds": t1 - t0, "decode_seconds": t2 - t1,
+                "decode_steps": n_predict - 1, "tokens": tokens}
