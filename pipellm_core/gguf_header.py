@@ -27,16 +27,20 @@ _STRING, _ARRAY = 8, 9
 
 
 class _Cursor:
-    def __init__(self, data: bytes | memoryview, size: int):
+    def __init__(self, data, size: int):
         self.data, self.size, self.pos = data, size, 0
 
-    def take(self, n: int, what: str) -> memoryview:
+    def skip(self, n: int, what: str) -> int:
         if n < 0 or self.pos + n > self.size:
             raise GGUFError(f"truncated or corrupt GGUF: {what} runs past the end of the file "
                             f"(needs {n} bytes at offset {self.pos}, file has {self.size})")
-        out = self.data[self.pos:self.pos + n]
+        start = self.pos
         self.pos += n
-        return out
+        return start
+
+    def take(self, n: int, what: str) -> bytes:
+        start = self.skip(n, what)
+        return self.data[start:start + n]
 
     def u32(self, what: str) -> int:
         return struct.unpack("<I", self.take(4, what))[0]
@@ -48,7 +52,7 @@ class _Cursor:
         n = self.u64(f"length of {what}")
         raw = self.take(n, what)
         try:
-            return bytes(raw).decode("utf-8")
+            return raw.decode("utf-8")
         except UnicodeDecodeError as e:
             raise GGUFError(f"corrupt GGUF: {what} is not valid UTF-8") from e
 
@@ -65,7 +69,7 @@ def _skip_value(cur: _Cursor, vtype: int, key: str, depth: int = 0):
         etype = cur.u32(f"element type of {key!r}")
         count = cur.u64(f"length of {key!r}")
         if etype in _SCALAR_TYPES:
-            cur.take(count * _SCALAR_TYPES[etype][1], f"array {key!r}")
+            cur.skip(count * _SCALAR_TYPES[etype][1], f"array {key!r}")
         elif etype in (_STRING, _ARRAY):
             # each element needs at least 8 bytes (a length): reject impossible counts up front
             if count * 8 > cur.size - cur.pos:
@@ -81,8 +85,6 @@ def _skip_value(cur: _Cursor, vtype: int, key: str, depth: int = 0):
 
 def check_gguf_header(path: str) -> None:
     """Raise `GGUFError` unless `path` is a GGUF whose header and tensor table are consistent."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
     if not os.path.exists(path):
         raise GGUFError(f"model file not found: {path}")
     if not os.path.isfile(path):
@@ -97,57 +99,58 @@ def check_gguf_header(path: str) -> None:
             raise GGUFError(f"truncated GGUF file ({size} bytes): {path}")
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
-        view = memoryview(mm)
-        try:
-            cur = _Cursor(view, size)
-            cur.take(4, "magic")
-            version = cur.u32("version")
-            if version not in SUPPORTED_VERSIONS:
-                raise GGUFError(f"unsupported GGUF version {version} (supported: 2, 3): {path}")
-            n_tensors = cur.u64("tensor count")
-            n_kv = cur.u64("metadata count")
-            # every metadata entry takes >= 8+4 bytes and every tensor entry >= 8+4+4+8
-            if n_kv * 12 > size or n_tensors * 24 > size:
-                raise GGUFError(f"corrupt GGUF: header claims {n_kv} metadata entries and "
-                                f"{n_tensors} tensors, more than a {size}-byte file can hold")
-            alignment = 32
-            for i in range(n_kv):
-                key = cur.string(f"metadata key #{i}")
-                vtype = cur.u32(f"type of {key!r}")
-                value = _skip_value(cur, vtype, key)
-                if key == "general.alignment":
-                    if not isinstance(value, int) or value <= 0 or value & (value - 1):
-                        raise GGUFError(f"corrupt GGUF: general.alignment = {value!r}")
-                    alignment = value
-            infos = []
-            for i in range(n_tensors):
-                name = cur.string(f"name of tensor #{i}")
-                n_dims = cur.u32(f"rank of tensor {name!r}")
-                if not 1 <= n_dims <= 4:
-                    raise GGUFError(f"corrupt GGUF: tensor {name!r} has rank {n_dims}")
-                dims = [cur.u64(f"shape of {name!r}") for _ in range(n_dims)]
-                ttype = cur.u32(f"type of tensor {name!r}")
-                offset = cur.u64(f"offset of tensor {name!r}")
-                infos.append((name, dims, ttype, offset))
-            data_start = (cur.pos + alignment - 1) // alignment * alignment
-            for name, dims, ttype, offset in infos:
-                try:
-                    qtype = GGMLQuantizationType(ttype)
-                    block, type_size = GGML_QUANT_SIZES[qtype]
-                except (ValueError, KeyError):
-                    raise GGUFError(f"corrupt GGUF: tensor {name!r} has unknown type id {ttype}") from None
-                n = 1
-                for d in dims:
-                    n *= d
-                if n == 0 or dims[0] % block:
-                    raise GGUFError(f"corrupt GGUF: tensor {name!r} has shape {dims} "
-                                    f"that does not fit {qtype.name} blocks of {block}")
-                nbytes = n // block * type_size
-                if data_start + offset + nbytes > size:
-                    raise GGUFError(f"truncated or corrupt GGUF: data of tensor {name!r} "
-                                    f"({nbytes} bytes at {data_start + offset}) lies past the end "
-                                    f"of the {size}-byte file")
-        finally:
-            view.release()
+        _walk(_Cursor(mm, size), size, path)
     finally:
         mm.close()
+
+
+def _walk(cur: _Cursor, size: int, path: str) -> None:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    cur.take(4, "magic")
+    version = cur.u32("version")
+    if version not in SUPPORTED_VERSIONS:
+        raise GGUFError(f"unsupported GGUF version {version} (supported: 2, 3): {path}")
+    n_tensors = cur.u64("tensor count")
+    n_kv = cur.u64("metadata count")
+    # every metadata entry takes >= 8+4 bytes and every tensor entry >= 8+4+4+8
+    if n_kv * 12 > size or n_tensors * 24 > size:
+        raise GGUFError(f"corrupt GGUF: header claims {n_kv} metadata entries and "
+                        f"{n_tensors} tensors, more than a {size}-byte file can hold")
+    alignment = 32
+    for i in range(n_kv):
+        key = cur.string(f"metadata key #{i}")
+        vtype = cur.u32(f"type of {key!r}")
+        value = _skip_value(cur, vtype, key)
+        if key == "general.alignment":
+            if not isinstance(value, int) or value <= 0 or value & (value - 1):
+                raise GGUFError(f"corrupt GGUF: general.alignment = {value!r}")
+            alignment = value
+    infos = []
+    for i in range(n_tensors):
+        name = cur.string(f"name of tensor #{i}")
+        n_dims = cur.u32(f"rank of tensor {name!r}")
+        if not 1 <= n_dims <= 4:
+            raise GGUFError(f"corrupt GGUF: tensor {name!r} has rank {n_dims}")
+        dims = [cur.u64(f"shape of {name!r}") for _ in range(n_dims)]
+        ttype = cur.u32(f"type of tensor {name!r}")
+        offset = cur.u64(f"offset of tensor {name!r}")
+        infos.append((name, dims, ttype, offset))
+    data_start = (cur.pos + alignment - 1) // alignment * alignment
+    for name, dims, ttype, offset in infos:
+        try:
+            qtype = GGMLQuantizationType(ttype)
+            block, type_size = GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            raise GGUFError(f"corrupt GGUF: tensor {name!r} has unknown type id {ttype}") from None
+        n = 1
+        for d in dims:
+            n *= d
+        if n == 0 or dims[0] % block:
+            raise GGUFError(f"corrupt GGUF: tensor {name!r} has shape {dims} "
+                            f"that does not fit {qtype.name} blocks of {block}")
+        nbytes = n // block * type_size
+        if data_start + offset + nbytes > size:
+            raise GGUFError(f"truncated or corrupt GGUF: data of tensor {name!r} "
+                            f"({nbytes} bytes at {data_start + offset}) lies past the end "
+                            f"of the {size}-byte file")

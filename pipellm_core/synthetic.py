@@ -84,16 +84,23 @@ def copy_tokenizer(writer: GGUFWriter, source: str) -> int:
     return vocab
 
 
-def write_random_gguf(path: str, shape: Shape | str, qtype: T = T.Q4_0, *, tokenizer_from: str,
+def write_random_gguf(path: str, shape: Shape | str, qtype: T = T.Q4_0, *, tokenizer_from: str | None,
                       embedding_type: T | None = None, output_type: T | None = None,
                       seed: int = 0, std: float = 0.02, progress: bool = False) -> str:
-    """Write a model of `shape` with random weights in `qtype` and a real tokenizer's metadata."""
+    """Write a model of `shape` with random weights in `qtype` and a real tokenizer's metadata
+    (copied from the GGUF `tokenizer_from`; without one, a placeholder vocabulary of
+    `shape.vocab_size` tokens that only pipellm's file reader, not llama.cpp, accepts)."""
     from .progress import progress_bar
 
     shape = SHAPES[shape] if isinstance(shape, str) else shape
     rng = np.random.default_rng(seed)
     w = GGUFWriter(path, shape.arch)
-    vocab = copy_tokenizer(w, tokenizer_from)
+    if tokenizer_from:
+        vocab = copy_tokenizer(w, tokenizer_from)
+    else:
+        vocab = shape.vocab_size
+        w.add_tokenizer_model("none")
+        w.add_token_list([f"<t{i}>" for i in range(vocab)])
     shape = replace(shape, vocab_size=vocab)
     a, hd = shape.arch, shape.n_embd // shape.n_heads
     w.add_name(f"random {shape.arch} {qtype.name}")

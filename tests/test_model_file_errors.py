@@ -88,8 +88,21 @@ CORRUPTIONS = [
 ]
 
 
-def test_fuzz_header_fields_end_in_clear_error(tmp_path, tiny_models):
-    data = open(tiny_models["llama"], "rb").read()
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    """A small complete GGUF (2 layers, 512-token placeholder vocabulary) to corrupt."""
+    from dataclasses import replace
+    from gguf import GGMLQuantizationType as T
+    from pipellm_core.synthetic import SHAPES, write_random_gguf
+    path = tmp_path_factory.mktemp("fuzz") / "small.gguf"
+    write_random_gguf(str(path), replace(SHAPES["tiny-llama"], vocab_size=512), T.Q8_0,
+                      tokenizer_from=None, embedding_type=T.F16)
+    ModelFile(str(path))  # intact, it reads
+    return str(path)
+
+
+def test_fuzz_header_fields_end_in_clear_error(tmp_path, small_model):
+    data = open(small_model, "rb").read()
     rng = np.random.default_rng(0)
     offsets = _header_regions(data)
     cases = 0
@@ -122,5 +135,5 @@ def _expect_clean_outcome(tmp_path, data: bytes, what: str):
     finally:
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-    assert time.perf_counter() - start < 5, f"{what}: took too long"
+    assert time.perf_counter() - start < 10, f"{what}: took too long"
     assert peak < 20 * len(data), f"{what}: allocated {peak} bytes for a {len(data)}-byte file"
