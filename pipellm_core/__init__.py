@@ -12,11 +12,14 @@ def __getattr__(name):
     if name == "LLM":
         from .llm import LLM
         return LLM
+    if name == "ablate":
+        from .ablation import ablate
+        return ablate
     if name == "Engine":
         from .engine import Engine
         return Engine
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "Engine", "hookimpl", "PipeLLMError", "GGUFError", "UnsupportedModelError",
+__all__ = ["LLM", "Engine", "ablate", "hookimpl", "PipeLLMError", "GGUFError", "UnsupportedModelError",
            "ContextLengthError", "PluginError", "ChatTemplateError", "__version__"]

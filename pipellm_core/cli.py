@@ -60,6 +60,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="hide the loading progress bar")
     run.set_defaults(func=cmd_run)
 
+    bench = sub.add_parser(
+        "bench", help="measure decode speed, plugin sets side by side (an ablation)", epilog=EPILOG,
+        description="Decode speed for each plugin set on the same model and settings: B sequences "
+                    "of a fixed prompt length, then a fixed number of greedy steps, median of "
+                    "repeats after a warm-up. Checks that every plugin set gives the same tokens.")
+    bench.add_argument("-m", "--model", default=_env("PIPELLM_MODEL"), help="GGUF file (default: SmolLM2-135M)")
+    bench.add_argument("--label", help="model name in the results (default: the file name)")
+    bench.add_argument("--ablate", default="none",
+                       help="';'-separated plugin sets, 'none' for no plugin (default: none)")
+    bench.add_argument("--baseline", choices=("llamacpp",), help="add llama.cpp on the same file as a row")
+    bench.add_argument("--backend", choices=("torch",), default="torch", help="backend of the plugin sets")
+    bench.add_argument("--device", default=_env("PIPELLM_DEVICE", "cpu"), help="cpu or cuda (default cpu)")
+    bench.add_argument("-b", "--batch", default="1", help="batch sizes, comma-separated (default 1)")
+    bench.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
+    bench.add_argument("-n", "--n-predict", type=int, default=128, help="tokens generated (default 128)")
+    bench.add_argument("--repeats", type=int, default=3, help="timed repeats, median reported (default 3)")
+    bench.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    bench.add_argument("--markdown", metavar="FILE", help="write the table as markdown")
+    bench.add_argument("--plot", metavar="PNG", help="write a bar chart (needs matplotlib)")
+    bench.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    bench.set_defaults(func=cmd_bench)
+
     plugins = sub.add_parser("plugins", help="list installed plugins and the hooks they implement")
     plugins.add_argument("--json", action="store_true", help="print JSON")
     plugins.set_defaults(func=cmd_plugins)
@@ -124,6 +146,38 @@ def cmd_run(args) -> int:
           f"decode: {s.decode_tokens} tokens, {s.decode_tok_s:.1f} tok/s "
           f"({args.backend}, {args.device}, plugins: {args.plugins or 'none'})", file=sys.stderr)
     return 0
+
+
+def cmd_bench(args) -> int:
+    from pathlib import Path
+
+    from .ablation import ablate
+    from .bench_report import make_result, markdown_table, write_json, write_plot
+    from .default_model import default_model_path
+
+    model = args.model or default_model_path()
+    sets = [[] if s.strip() in ("", "none") else s for s in args.ablate.split(";")]
+    try:
+        batches = [int(b) for b in args.batch.split(",")]
+    except ValueError:
+        raise PipeLLMError(f"--batch takes comma-separated integers, got {args.batch!r}") from None
+    rows = []
+    for b in batches:
+        rows += ablate(model, sets, backend=args.backend, device=args.device, batch=b,
+                       prompt_tokens=args.prompt_tokens, n_predict=args.n_predict,
+                       repeats=args.repeats, baseline=args.baseline, progress=not args.no_progress)
+    params = {k: v for k, v in vars(args).items() if k not in ("func", "json", "markdown", "plot", "no_progress")}
+    params["model"] = Path(model).name
+    result = make_result(args.label or Path(model).name, model, args.device, params, rows)
+    table = markdown_table(result)
+    print(table)
+    if args.json:
+        write_json(result, args.json)
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+    if args.plot:
+        write_plot(result, args.plot)
+    return 0 if all(r["same_tokens"] is not False for r in rows) else 2
 
 
 def cmd_plugins(args) -> int:

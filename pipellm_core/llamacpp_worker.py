@@ -93,6 +93,11 @@ def serve(stdin=None, stdout=None) -> None:
 
 
 if __name__ == "__main__":
+    # Load llama.cpp's libraries before numpy or anything else that brings C++ code: with the
+    # CUDA build, loading them after such libraries crashed in the tokenizer's std::regex setup
+    # (a libstdc++ symbol clash, the same that makes torch and llama.cpp crash in one process).
+    import llama_cpp  # noqa: F401
+
     # llama.cpp logs to stdout/stderr from C; keep the pipe for messages only
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)

@@ -1,0 +1,59 @@
+"""The ablation API: the same decode measurement for each plugin set (and llama.cpp as a row),
+with a check that each set produces the same greedy tokens as the run without plugins."""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+
+from .benchmark import measure_decode
+from .default_model import default_model_path
+from .llm import open_backend
+from .model_file import ModelFile
+from .plugin_manager import parse_plugin_list
+from .progress import progress_bar
+
+
+def _peak_memory(device: str) -> dict:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return {f"cuda:{i}": torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())}
+    return {}
+
+
+def ablate(model: str | None = None, plugin_sets=([],), *, backend: str = "torch",
+           device: str = "cpu", batch: int = 1, prompt_tokens: int = 128, n_predict: int = 128,
+           repeats: int = 3, warmup: int = 1, baseline: str | None = None,
+           progress: bool = True) -> list[dict]:
+    """Measure decode speed for each plugin set on `backend` (plus `baseline="llamacpp"` as a
+    row measured in the same run). Each row: plugins, tok/s, ms/step, weight GB/s, peak memory
+    per device, and `same_tokens` (greedy tokens equal to the first plugin set's)."""
+    path = model or default_model_path()
+    weight_bytes = ModelFile(path).decode_weight_bytes()
+    runs = [(backend, parse_plugin_list(p)) for p in plugin_sets]
+    if baseline:
+        runs.append((baseline, []))
+    bar = progress_bar(total=len(runs) * (warmup + repeats), desc="ablation", enabled=progress)
+    rows, reference = [], None
+    for name, plugins in runs:
+        if device.startswith("cuda") and torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        be = open_backend(path, name, plugins=plugins, device=device,
+                          n_ctx=prompt_tokens + n_predict + 8, max_batch=batch, progress=False)
+        m = measure_decode(be, batch=batch, prompt_tokens=prompt_tokens, n_predict=n_predict,
+                           repeats=repeats, warmup=warmup, backend_name=name, plugins=plugins,
+                           device=device, weight_bytes=weight_bytes, progress=bar)
+        row = m.row()
+        row["peak_memory"] = _peak_memory(device)
+        if name == backend:
+            reference = reference if reference is not None else m.tokens
+            row["same_tokens"] = m.tokens == reference
+        else:
+            row["same_tokens"] = None  # another backend: compared in the correctness tests
+        rows.append(row)
+        if hasattr(be, "close"):
+            be.close()
+        del be
+        gc.collect()
+    bar.close()
+    return rows
