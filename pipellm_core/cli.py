@@ -156,7 +156,7 @@ def cmd_bench(args) -> int:
     from .default_model import default_model_path
 
     model = args.model or default_model_path()
-    sets = [[] if s.strip() in ("", "none") else s for s in args.ablate.split(";")]
+    sets = args.ablate.split(";")
     try:
         batches = [int(b) for b in args.batch.split(",")]
     except ValueError:

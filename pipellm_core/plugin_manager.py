@@ -27,11 +27,12 @@ def installed_plugins() -> dict[str, object]:
 
 
 def parse_plugin_list(value) -> list[str]:
+    """Plugin names from "a,b" or a list; "none" stands for no plugin."""
     if value is None:
         return []
     if isinstance(value, str):
         value = value.split(",")
-    names = [str(v).strip() for v in value if str(v).strip()]
+    names = [str(v).strip() for v in value if str(v).strip() not in ("", "none")]
     return list(dict.fromkeys(names))
 
 
