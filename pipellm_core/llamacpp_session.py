@@ -23,6 +23,8 @@ def _lib():
 
     global _backend_ready
     if not _backend_ready:
+        from llama_cpp import _logger
+        _logger.set_verbose(bool(os.environ.get("PIPELLM_VERBOSE")))  # errors only, by default
         llama_cpp.llama_backend_init()
         _backend_ready = True
     return llama_cpp
