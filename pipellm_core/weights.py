@@ -3,6 +3,7 @@ tensor from the memory-mapped file so host memory never holds more than one tens
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -76,11 +77,9 @@ def _host_bytes(info: TensorInfo) -> torch.Tensor:
     """The tensor's bytes as a uint8 [rows, bytes per row] view of the mapping (no copy)."""
     data = np.asarray(info.data).view(np.uint8)
     rows = info.shape[0] if len(info.shape) > 1 else 1
-    with np.errstate(all="ignore"):
-        import warnings
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the mapping is read-only; torch warns but only reads
-            return torch.from_numpy(data.reshape(rows, -1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the mapping is read-only; torch warns, but we only read
+        return torch.from_numpy(data.reshape(rows, -1))
 
 
 def _matrix(info: TensorInfo, device) -> QuantizedMatrix:

@@ -47,3 +47,24 @@ def smollm2_engine(smollm2_path):
 def smollm2_llamacpp(smollm2_path):
     from pipellm_core.llamacpp_backend import LlamaCppBackend
     return LlamaCppBackend(smollm2_path, max_batch=4, ctx_size=512)
+
+
+@pytest.fixture
+def foreign_arch_gguf(tmp_path, smollm2_path):
+    """Write a GGUF of another architecture (a real tokenizer, one tensor); returns its path."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    from pipellm_core.synthetic import copy_tokenizer
+
+    def write(arch: str) -> str:
+        path = tmp_path / f"{arch}.gguf"
+        w = GGUFWriter(str(path), arch)
+        copy_tokenizer(w, smollm2_path)
+        w.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return str(path)
+    return write

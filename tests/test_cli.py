@@ -78,16 +78,9 @@ def test_bad_model_files(tmp_path, smollm2_path, case):
     assert_clean_error(pipellm("run", "-m", str(path), "-p", "x"), expected)
 
 
-def test_unsupported_architecture(tmp_path, smollm2_path):
-    import numpy as np
-    from gguf import GGUFWriter
-    from pipellm_core.synthetic import copy_tokenizer
-    p = tmp_path / "phi.gguf"
-    w = GGUFWriter(str(p), "phi3")
-    copy_tokenizer(w, smollm2_path)
-    w.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-    assert_clean_error(pipellm("run", "-m", str(p), "-p", "x"), "unsupported architecture 'phi3'")
+def test_unsupported_architecture(foreign_arch_gguf):
+    assert_clean_error(pipellm("run", "-m", foreign_arch_gguf("phi3"), "-p", "x"),
+                       "unsupported architecture 'phi3'")
 
 
 def test_context_too_long():

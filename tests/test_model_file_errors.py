@@ -38,17 +38,9 @@ def test_truncated(tmp_path, tiny_models):
             ModelFile(str(p))
 
 
-def test_unsupported_architecture(tmp_path, smollm2_path):
-    from gguf import GGUFWriter
-    from pipellm_core.synthetic import copy_tokenizer
-
-    p = tmp_path / "mamba.gguf"
-    w = GGUFWriter(str(p), "mamba")
-    copy_tokenizer(w, smollm2_path)
-    w.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+def test_unsupported_architecture(foreign_arch_gguf):
     with pytest.raises(UnsupportedModelError, match="unsupported architecture 'mamba'"):
-        ModelFile(str(p))
+        ModelFile(foreign_arch_gguf("mamba"))
 
 
 def test_real_model_reads(smollm2_path):
