@@ -49,7 +49,6 @@ def test_cuda_random_models_match_llamacpp(tiny_models, arch):
 
 
 def test_cuda_matches_cpu_engine(smollm2_path):
-    import torch
     cpu = Engine(smollm2_path, max_batch=1, ctx_size=128, progress=False)
     gpu = Engine(smollm2_path, device="cuda", max_batch=1, ctx_size=128, progress=False)
     t = cpu.tokenizer.encode(PROMPTS[0])

@@ -1,7 +1,6 @@
 """The torch engine against llama.cpp on the same GGUF: logits, and greedy continuations."""
 
 import pytest
-import torch
 
 from pipellm_core.engine import Engine
 from pipellm_core.llamacpp_backend import LlamaCppBackend
