@@ -85,7 +85,10 @@ def _host_bytes(info: TensorInfo) -> torch.Tensor:
 def _matrix(info: TensorInfo, device) -> QuantizedMatrix:
     check_supported(info.qtype, info.name)
     rows, cols = (info.shape if len(info.shape) == 2 else (1, info.shape[0]))
-    return QuantizedMatrix(_host_bytes(info).to(device, copy=True), info.qtype, rows, cols)
+    raw = _host_bytes(info)
+    # on the CPU the blocks are used straight from the file's mapping (read-only, never written)
+    raw = raw if torch.device(device).type == "cpu" else raw.to(device)
+    return QuantizedMatrix(raw, info.qtype, rows, cols)
 
 
 def _vector(info: TensorInfo, device) -> torch.Tensor:
