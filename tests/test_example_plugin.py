@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +11,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_layer_timer_installs_and_runs(tmp_path, tiny_models):
-    target = tmp_path / "site"
+    target, source = tmp_path / "site", tmp_path / "src"
+    shutil.copytree(ROOT / "examples" / "pipellm-layer-timer", source)  # builds leave files behind
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(ROOT / "examples" / "pipellm-layer-timer")],
+                    "--target", str(target), str(source)],
                    check=True, capture_output=True, timeout=600)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(target), str(ROOT)]))
     listing = subprocess.run([sys.executable, "-m", "pipellm_core.cli", "plugins", "--json"],
