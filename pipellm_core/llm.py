@@ -142,13 +142,11 @@ class LLM:
                 req.finish_reason = "stop"
             if text:
                 yield i, text, None
-            for r in requests:  # report every request that has just ended, in any order
-                j = index[id(r)]
-                if r.finished and j not in reported:
-                    reported.add(j)
-                    yield j, self._tail(decoders[j], stops[j], hit and j == i), r.finish_reason
-        for r in requests:
-            j = index[id(r)]
+            if req.finished:
+                reported.add(i)
+                yield i, self._tail(decoders[i], stops[i], hit), req.finish_reason
+        # requests that ended without a last visible token (end of generation, max_tokens=0)
+        for j, r in enumerate(requests):
             if j not in reported:
                 yield j, self._tail(decoders[j], stops[j], False), r.finish_reason
 
