@@ -27,7 +27,6 @@ class LlamaCppBackend(ContinuousBatcher):
             raise PipeLLMError(f"context size {ctx_size} exceeds the model's trained context "
                                f"of {self.config.context_length}")
         self.device, self.max_batch, self.ctx_size = device, max_batch, ctx_size
-        self.tokenizer = Tokenizer(model_path)
         self.stats = GenerationStats()
         try:
             self.session = open_session(model_path, gpu=device.startswith("cuda"), max_batch=max_batch,
@@ -35,6 +34,7 @@ class LlamaCppBackend(ContinuousBatcher):
                                         flash_attn=flash_attn, n_threads=n_threads)
         except RuntimeError as e:
             raise GGUFError(str(e)) from None
+        self.tokenizer = Tokenizer(model_path, session=self.session)  # no second load of the file
 
     def close(self):
         self.session.close()

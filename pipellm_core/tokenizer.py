@@ -14,9 +14,10 @@ from .llamacpp_worker import open_session
 
 
 class Tokenizer:
-    def __init__(self, model_path: str):
+    def __init__(self, model_path: str, session=None):
+        """`session`: an open llama.cpp session of the same file to reuse (else a vocab-only one)."""
         try:
-            session = open_session(model_path, vocab_only=True)
+            session = session or open_session(model_path, vocab_only=True)
             info = session.vocab_info()
         except Exception as e:
             raise GGUFError(f"llama.cpp could not read the vocabulary of {model_path}: {e}") from None
