@@ -15,19 +15,26 @@ from .plugin_manager import parse_plugin_list
 from .progress import progress_bar
 
 
-def _peak_memory(device: str) -> dict:
+def _peak_memory(device: str, backend) -> dict:
+    if getattr(backend, "sim", None) is not None:
+        return {f"sim:{d.index}": d.peak_bytes for d in backend.sim.devices}
     if device.startswith("cuda") and torch.cuda.is_available():
         return {f"cuda:{i}": torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())}
     return {}
 
 
+def _device_label(backend: str, device: str, options: dict) -> str:
+    return f"sim-{options.get('sim_profile', 'h100')}" if backend == "sim" else device
+
+
 def ablate(model: str | None = None, plugin_sets=([],), *, backend: str = "torch",
            device: str = "cpu", batch: int = 1, prompt_tokens: int = 128, n_predict: int = 128,
            repeats: int = 3, warmup: int = 1, baseline: str | None = None,
-           progress: bool = True) -> list[dict]:
+           progress: bool = True, **engine_options) -> list[dict]:
     """Measure decode speed for each plugin set on `backend` (plus `baseline="llamacpp"` as a
     row measured in the same run). Each row: plugins, tok/s, ms/step, weight GB/s, peak memory
-    per device, and `same_tokens` (greedy tokens equal to the first plugin set's)."""
+    per device, and `same_tokens` (greedy tokens equal to the first plugin set's).
+    `engine_options` go to the engine of every plugin set (`sim_profile`, `plugin_options`)."""
     path = model or default_model_path()
     weight_bytes = ModelFile(path).decode_weight_bytes()
     runs = [(backend, parse_plugin_list(p)) for p in plugin_sets]
@@ -38,13 +45,15 @@ def ablate(model: str | None = None, plugin_sets=([],), *, backend: str = "torch
     for name, plugins in runs:
         if device.startswith("cuda") and torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        options = engine_options if name == backend else {}
         be = open_backend(path, name, plugins=plugins, device=device,
-                          n_ctx=prompt_tokens + n_predict + 8, max_batch=batch, progress=False)
+                          n_ctx=prompt_tokens + n_predict + 8, max_batch=batch, progress=False, **options)
         m = measure_decode(be, batch=batch, prompt_tokens=prompt_tokens, n_predict=n_predict,
                            repeats=repeats, warmup=warmup, backend_name=name, plugins=plugins,
-                           device=device, weight_bytes=weight_bytes, progress=bar)
+                           device=_device_label(name, device, options), weight_bytes=weight_bytes,
+                           progress=bar)
         row = m.row()
-        row["peak_memory"] = _peak_memory(device)
+        row["peak_memory"] = _peak_memory(device, be)
         if name == backend:
             reference = reference if reference is not None else m.tokens
             row["same_tokens"] = m.tokens == reference

@@ -25,6 +25,10 @@ class ContinuousBatcher:
     def decode_logits(self, active: list[Request]):
         raise NotImplementedError
 
+    def step_timer(self):
+        """Measures a prefill or decode step (a virtual clock on the sim backend)."""
+        return Timer()
+
     def release_slot(self, slot: int) -> None:
         """Called when a sequence ends; its slot's cache may be reused."""
 
@@ -61,7 +65,7 @@ class ContinuousBatcher:
                 req.slot = free.pop(0)
                 admitted.append(req)
             if admitted:
-                with Timer() as t:
+                with self.step_timer() as t:
                     logits = self.prefill_logits(admitted)
                     picks = self._pick(admitted, logits)
                 self.stats.prefill_tokens += sum(len(r.prompt_tokens) for r in admitted)
@@ -75,7 +79,7 @@ class ContinuousBatcher:
             active = self._retire(active, free)
             if not active:
                 continue
-            with Timer() as t:
+            with self.step_timer() as t:
                 logits = self.decode_logits(active)
                 picks = self._pick(active, logits)
             self.stats.decode_seconds += t.seconds

@@ -52,11 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
                           "results go to stdout as JSON lines")
     run.add_argument("-b", "--batch-size", type=int, default=8,
                      help="sequences decoded together in a batch job (default 8)")
-    run.add_argument("--backend", choices=("torch", "llamacpp"), default=_env("PIPELLM_BACKEND", "torch"),
-                     help="torch: pipellm's engine (default); llamacpp: llama.cpp on the same file")
+    run.add_argument("--backend", choices=("torch", "sim", "llamacpp"), default=_env("PIPELLM_BACKEND", "torch"),
+                     help="torch: pipellm's engine (default); sim: the engine on a simulated GPU "
+                          "(math on the CPU, virtual time); llamacpp: llama.cpp on the same file")
     run.add_argument("--device", default=_env("PIPELLM_DEVICE", "cpu"), help="cpu or cuda (default cpu)")
     run.add_argument("--plugins", default=_env("PIPELLM_PLUGINS", ""),
                      help="comma-separated plugins to enable (see `pipellm plugins`)")
+    _add_engine_options(run)
+    run.add_argument("--trace", metavar="FILE.json",
+                     help="sim backend: write a Chrome-trace/Perfetto timeline, one track per device stream")
     run.add_argument("--no-progress", action="store_true", help="hide the loading progress bar")
     run.set_defaults(func=cmd_run)
 
@@ -70,8 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ablate", default="none",
                        help="';'-separated plugin sets, 'none' for no plugin (default: none)")
     bench.add_argument("--baseline", choices=("llamacpp",), help="add llama.cpp on the same file as a row")
-    bench.add_argument("--backend", choices=("torch",), default="torch", help="backend of the plugin sets")
+    bench.add_argument("--backend", choices=("torch", "sim"), default="torch",
+                       help="backend of the plugin sets: torch (default) or sim (virtual time)")
     bench.add_argument("--device", default=_env("PIPELLM_DEVICE", "cpu"), help="cpu or cuda (default cpu)")
+    _add_engine_options(bench)
     bench.add_argument("-b", "--batch", default="1", help="batch sizes, comma-separated (default 1)")
     bench.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
     bench.add_argument("-n", "--n-predict", type=int, default=128, help="tokens generated (default 128)")
@@ -86,6 +92,37 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.add_argument("--json", action="store_true", help="print JSON")
     plugins.set_defaults(func=cmd_plugins)
     return parser
+
+
+def _add_engine_options(parser) -> None:
+    parser.add_argument("--sim-profile", choices=("h100", "h200", "rtx4090"), default="h100",
+                        help="sim backend: the GPU simulated (default h100)")
+    parser.add_argument("--graphs-capture", choices=("lazy", "all"), default=None,
+                        help="graphs plugin: capture each shape on first use (lazy, default) or all up front")
+    parser.add_argument("--graphs-batch-buckets", metavar="LIST",
+                        help="graphs plugin: batch sizes captured (default 1,2,4,8,16,32,64 up to the batch)")
+    parser.add_argument("--graphs-ctx-buckets", metavar="LIST",
+                        help="graphs plugin: context lengths captured (default 512, 1024, ... up to -c)")
+    parser.add_argument("-O", "--plugin-option", action="append", default=[], metavar="PLUGIN.KEY=VALUE",
+                        help="a setting for a plugin (repeatable)")
+
+
+def _engine_options(args) -> dict:
+    """The keyword arguments that the engine options on the command line give `LLM`/`ablate`."""
+    options = {}
+    for item in args.plugin_option:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise PipeLLMError(f"--plugin-option takes PLUGIN.KEY=VALUE, got {item!r}")
+        options[key.strip()] = value.strip()
+    for flag, key in (("graphs_capture", "graphs.capture"), ("graphs_batch_buckets", "graphs.batch_buckets"),
+                      ("graphs_ctx_buckets", "graphs.ctx_buckets")):
+        if getattr(args, flag) is not None:
+            options[key] = getattr(args, flag)
+    out = {"sim_profile": args.sim_profile} if args.backend == "sim" else {}
+    if options:
+        out["plugin_options"] = options
+    return out
 
 
 def _read_prompts(path: str) -> list[str]:
@@ -120,7 +157,9 @@ def cmd_run(args) -> int:
     prompts = _read_prompts(args.prompts) if args.prompts else None
     llm = LLM(args.model, plugins=args.plugins, backend=args.backend, device=args.device,
               n_ctx=args.ctx_size, max_batch=args.batch_size if prompts else 1,
-              progress=not args.no_progress)
+              progress=not args.no_progress, **_engine_options(args))
+    if args.trace and args.backend != "sim":
+        raise PipeLLMError("--trace records the sim backend's timeline: add --backend sim")
     sampling = dict(max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k,
                     top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
                     seed=args.seed, stop=args.stop)
@@ -145,6 +184,9 @@ def cmd_run(args) -> int:
     print(f"prefill: {s.prefill_tokens} tokens, {s.prefill_tok_s:.1f} tok/s | "
           f"decode: {s.decode_tokens} tokens, {s.decode_tok_s:.1f} tok/s "
           f"({args.backend}, {args.device}, plugins: {args.plugins or 'none'})", file=sys.stderr)
+    if args.trace:
+        llm.backend.sim.save_trace(args.trace)
+        print(f"trace written to {args.trace}", file=sys.stderr)
     return 0
 
 
@@ -165,8 +207,11 @@ def cmd_bench(args) -> int:
     for b in batches:
         rows += ablate(model, sets, backend=args.backend, device=args.device, batch=b,
                        prompt_tokens=args.prompt_tokens, n_predict=args.n_predict,
-                       repeats=args.repeats, baseline=args.baseline, progress=not args.no_progress)
+                       repeats=args.repeats, baseline=args.baseline, progress=not args.no_progress,
+                       **_engine_options(args))
     params = {k: v for k, v in vars(args).items() if k not in ("func", "json", "markdown", "plot", "no_progress")}
+    if args.backend != "sim":
+        params.pop("sim_profile")
     params["model"] = Path(model).name
     result = make_result(args.label or Path(model).name, model, args.device, params, rows)
     table = markdown_table(result)

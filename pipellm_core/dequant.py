@@ -20,6 +20,23 @@ def _f16(b: torch.Tensor, start: int) -> torch.Tensor:
     return b[:, start:start + 2].contiguous().view(torch.float16).float()
 
 
+class _DeviceConstant:
+    """A small constant tensor made once per device: creating it inside a step would be a
+    host-to-device copy, which CUDA-graph capture forbids."""
+
+    def __init__(self, make):
+        self.make, self.copies = make, {}
+
+    def on(self, device) -> torch.Tensor:
+        key = str(device)
+        if key not in self.copies:
+            self.copies[key] = self.make(device)
+        return self.copies[key]
+
+
+_SHIFTS_2BIT = _DeviceConstant(lambda d: torch.tensor([0, 2, 4, 6], device=d).reshape(1, 1, 4, 1))
+
+
 def _lo_hi(q: torch.Tensor) -> torch.Tensor:
     """Bytes -> low nibbles then high nibbles, the order ggml stores 4-bit values in a block."""
     return torch.cat([q & 0x0F, q >> 4], dim=-1)
@@ -66,7 +83,7 @@ def _q2_k(b):
     d, dmin = _f16(b, 80), _f16(b, 82)
     # out index = half*128 + shift*32 + l, from qs[half*32 + l] >> (2*shift)
     qs = qs.reshape(-1, 2, 1, 32).to(torch.int32)
-    shifts = torch.tensor([0, 2, 4, 6], device=b.device).reshape(1, 1, 4, 1)
+    shifts = _SHIFTS_2BIT.on(b.device)
     q = ((qs >> shifts) & 3).reshape(-1, 16, 16).float()  # 16 groups of 16 values
     sc = (scales & 0x0F).float().unsqueeze(-1)
     mn = (scales >> 4).float().unsqueeze(-1)
@@ -86,7 +103,7 @@ def _q3_k(b):
     d = _f16(b, 108)
     sc = _q3_k_scales(scales).float()
     qs = qs.reshape(-1, 2, 1, 32).to(torch.int32)
-    shifts = torch.tensor([0, 2, 4, 6], device=b.device).reshape(1, 1, 4, 1)
+    shifts = _SHIFTS_2BIT.on(b.device)
     low = (qs >> shifts) & 3  # [n, half, shift, 32]
     bit = torch.arange(8, device=b.device).reshape(1, 2, 4, 1)  # hmask bit = half*4 + shift
     high = (hmask.to(torch.int32).reshape(-1, 1, 1, 32) >> bit) & 1
@@ -129,7 +146,7 @@ def _q6_k(b):
     d = _f16(b, 208)
     low = torch.stack([ql & 0x0F, ql >> 4], dim=2)  # [n, half, nibble, part, l] -> order below
     low = low.reshape(-1, 2, 4, 32)  # quarter = nibble*2 + part  (q1,q2,q3,q4)
-    shifts = torch.tensor([0, 2, 4, 6], device=b.device).reshape(1, 1, 4, 1)
+    shifts = _SHIFTS_2BIT.on(b.device)
     high = (qh >> shifts) & 3
     q = ((low | (high << 4)) - 32).reshape(-1, 16, 16).float()
     return (d.unsqueeze(-1) * sc.unsqueeze(-1) * q).reshape(-1, QK_K)

@@ -3,6 +3,8 @@ once, with continuous batching over a static KV cache."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .batching import ContinuousBatcher
@@ -10,7 +12,7 @@ from .errors import ContextLengthError, PipeLLMError
 from .load_plan import LoadPlan
 from .model_file import ModelFile
 from .plugin_manager import make_plugin_manager
-from .request import GenerationStats, Request
+from .request import GenerationStats, Request, Timer
 from .step import StepBatch
 from .tokenizer import Tokenizer
 from .transformer import KVCache, Transformer
@@ -33,12 +35,28 @@ def default_dtype(device: str) -> torch.dtype:
 
 
 class Engine(ContinuousBatcher):
-    """A loaded model ready to generate; `plugins` are names of installed pipellm plugins."""
+    """A loaded model ready to generate; `plugins` are names of installed pipellm plugins.
+
+    With `sim="h100"` (or another profile) the engine runs on the sim backend: the math on the
+    CPU, the time and memory on a virtual GPU of that profile (`engine.sim`).
+    `plugin_options` holds settings of plugins, keyed "plugin.setting".
+    """
 
     def __init__(self, model_path: str, *, device: str = "cpu", plugins=(), max_batch: int = 1,
                  ctx_size: int = 2048, dtype: torch.dtype | None = None, progress: bool = True,
-                 extra_plugins: tuple = (), tokenizer: Tokenizer | None = None):
+                 extra_plugins: tuple = (), tokenizer: Tokenizer | None = None,
+                 sim: str | None = None, plugin_options: dict | None = None):
+        if sim is not None and device != "cpu":
+            raise PipeLLMError("the sim backend computes on the CPU; leave --device at cpu")
         self.device = resolve_device(device)
+        self.sim = self.costing = None
+        if sim is not None:
+            from .sim import SimRuntime
+            from .sim.op_costs import SimOpCosting
+            self.sim = SimRuntime(sim)
+            self.costing = SimOpCosting(self.sim)
+        self.progress = progress
+        self.plugin_options = dict(plugin_options or {})
         self.file = ModelFile(model_path)
         self.config = self.file.config
         if ctx_size <= 0:
@@ -54,12 +72,38 @@ class Engine(ContinuousBatcher):
         self.plan = LoadPlan.empty(self.config.n_layers)
         self.pm.hook.load(plan=self.plan, config=self.config, engine=self)
         self.weights = load_weights(self.file, self.plan, progress)
-        # fp16 keys and values, as llama.cpp keeps them by default
-        self.cache = KVCache(self.config, max_batch, ctx_size, torch.float16, self.weights.layer_devices)
+        # fp16 keys and values, as llama.cpp keeps them by default; one slot more than the batch
+        # for the padding rows of fixed-shape (graph) steps to write into
+        self.cache = KVCache(self.config, max_batch + 1, ctx_size, torch.float16, self.weights.layer_devices)
+        self.pad_slot = max_batch
+        if self.sim is not None:
+            self._place_on_sim()
         self.model = Transformer(self.config, self.weights, self.cache, self.dtype)
         self.tokenizer = tokenizer or Tokenizer(self.file.path)
         self.stats = GenerationStats()
         self.pm.hook.capture(engine=self)
+
+    def _place_on_sim(self) -> None:
+        """Charge the virtual GPU for what would live on it: resident weights and the KV cache."""
+        dev = self.sim.device(0)
+        w = self.weights
+        resident = sum(lw.nbytes for lw, p in zip(w.layers, self.plan.layers) if p.resident)
+        head = w.output.nbytes if w.output is not w.token_embd else 0
+        dev.allocate(resident + w.token_embd.nbytes + head, "weights")
+        dev.allocate(self.cache.nbytes, "kv cache")
+
+    def running(self):
+        """Context of every forward pass: on the sim backend, the operations are charged to it."""
+        return self.costing if self.costing is not None else contextlib.nullcontext()
+
+    def step_timer(self):
+        if self.sim is None:
+            return Timer()
+        from .sim.timer import VirtualTimer
+        return VirtualTimer(self.sim)
+
+    def stage_device(self, stage: int) -> str:
+        return self.plan.layers[self.plan.stages[stage][0]].device
 
     # --- one step -------------------------------------------------------------------------
 
@@ -84,11 +128,12 @@ class Engine(ContinuousBatcher):
         """Logits [B, vocab] of one decode step for every sequence in `batch`."""
         schedule = self.pm.hook.schedule(engine=self, batch=batch)
         outputs: dict[int, torch.Tensor] = {}
-        for tick in schedule.ticks:
-            for stage, m in tick:
-                outputs[m] = self.pm.hook.decode(engine=self, stage=stage,
-                                                 batch=schedule.micro_batches[m], hidden=outputs.get(m))
-        return torch.cat([outputs[m].to(self.device) for m in range(len(schedule.micro_batches))])
+        with self.running():
+            for tick in schedule.ticks:
+                for stage, m in tick:
+                    outputs[m] = self.pm.hook.decode(engine=self, stage=stage,
+                                                     batch=schedule.micro_batches[m], hidden=outputs.get(m))
+            return torch.cat([outputs[m].to(self.device) for m in range(len(schedule.micro_batches))])
 
     def prefill(self, prompts: list[list[int]], slots: list[int], all_logits: bool = False):
         """Run whole prompts (right-padded into one batch) into their cache slots.
@@ -104,9 +149,10 @@ class Engine(ContinuousBatcher):
         dev = self.plan.embedding_device
         positions = torch.arange(T).expand(len(prompts), T).to(dev)
         last = None if all_logits else torch.tensor([len(p) - 1 for p in prompts], device=dev)
-        out = self.model.forward(tokens.to(dev), positions, torch.tensor(slots, device=dev), T,
-                                 before_layer=self._before_layer, logits_index=last)
-        return out if all_logits else out[:, 0]
+        with self.running():
+            out = self.model.forward(tokens.to(dev), positions, torch.tensor(slots, device=dev), T,
+                                     before_layer=self._before_layer, logits_index=last)
+            return out if all_logits else out[:, 0]
 
     # --- generation ----------------------------------------------------------------------
 

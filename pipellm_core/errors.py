@@ -23,3 +23,11 @@ class PluginError(PipeLLMError):
 
 class ChatTemplateError(PipeLLMError):
     """A chat template is missing, broken, or tried to leave its sandbox."""
+
+
+class SimOutOfMemoryError(PipeLLMError):
+    """A simulated GPU was asked for more memory than it has left."""
+
+
+class HazardError(PipeLLMError):
+    """Simulated streams used a buffer without an event ordering the accesses."""

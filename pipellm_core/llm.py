@@ -15,13 +15,18 @@ from .sampling import SamplingParams
 from .stop_strings import StopMatcher
 from .tokenizer import StreamDecoder
 
-BACKENDS = ("torch", "llamacpp")
+BACKENDS = ("torch", "sim", "llamacpp")
 
 
 def open_backend(model: str, backend: str, *, plugins=(), device: str = "cpu", n_ctx: int = 2048,
-                 max_batch: int = 8, progress: bool = True, **engine_options):
-    if backend == "torch":
+                 max_batch: int = 8, progress: bool = True, sim_profile: str = "h100",
+                 **engine_options):
+    """The engine of `backend`: torch (CPU or CUDA), sim (a virtual GPU of `sim_profile`), or
+    llamacpp (the baseline)."""
+    if backend in ("torch", "sim"):
         from .engine import Engine
+        if backend == "sim":
+            engine_options["sim"] = sim_profile
         return Engine(model, device=device, plugins=plugins, max_batch=max_batch, ctx_size=n_ctx,
                       progress=progress, **engine_options)
     if backend == "llamacpp":

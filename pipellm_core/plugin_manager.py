@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
-from importlib.metadata import entry_points
+from importlib.metadata import distributions
 
 import pluggy
 
@@ -22,8 +22,18 @@ CORE_PLUGIN_NAME = "core"
 
 
 def installed_plugins() -> dict[str, object]:
-    """Entry-point name -> entry point, for every installed plugin."""
-    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    """Entry-point name -> entry point, for every installed plugin.
+
+    Walks every distribution the way pluggy's `load_setuptools_entrypoints` does (not
+    `entry_points()`, which keeps one copy of a distribution found twice on the path), so the
+    names listed here are exactly the ones pluggy would load.
+    """
+    found: dict[str, object] = {}
+    for dist in distributions():
+        for ep in dist.entry_points:
+            if ep.group == ENTRY_POINT_GROUP:
+                found.setdefault(ep.name, ep)
+    return found
 
 
 def parse_plugin_list(value) -> list[str]:

@@ -27,6 +27,14 @@ class Shape:
     tied_output: bool = False
     vocab_size: int = 49152
 
+    def config(self):
+        """The `ModelConfig` a file of this shape reads as."""
+        from .model_file import ROPE_STYLE, ModelConfig
+        head_dim = self.n_embd // self.n_heads
+        return ModelConfig(self.arch, self.n_layers, self.n_embd, self.n_heads, self.n_kv_heads,
+                           head_dim, self.n_ff, self.vocab_size, self.context_length, self.rms_eps,
+                           self.rope_base, ROPE_STYLE[self.arch], head_dim, 1.0)
+
 
 SHAPES = {
     "smollm2-135m": Shape("llama", 30, 576, 1536, 9, 3, 8192, 100000.0, 1e-5, tied_output=True),

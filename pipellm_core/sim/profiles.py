@@ -1,0 +1,115 @@
+"""Speeds and sizes of the GPUs that the simulated runtime imitates, and how long work takes on them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from pipellm_core.errors import PipeLLMError
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    memory_bytes: int
+    hbm_bytes_per_s: float  # device memory traffic, bytes read + written per second
+    pinned_h2d_bytes_per_s: float
+    pinned_d2h_bytes_per_s: float
+    pageable_h2d_bytes_per_s: float
+    pageable_d2h_bytes_per_s: float
+    peer_bytes_per_s: float  # device to another device of the same host
+    flops_per_s: float  # achievable dense fp16/bf16 matmul rate
+    eager_op_host_s: float  # host time to issue one kernel-launching op eagerly from PyTorch
+    view_op_host_s: float  # host time of an op that launches no kernel (views, metadata)
+    kernel_min_s: float  # shortest possible kernel duration
+    graph_launch_host_s: float  # host time of one CUDA-graph replay call
+    graph_node_s: float  # extra device time per kernel node inside a replayed graph
+    copy_setup_s: float  # fixed latency added to every copy
+    notes: str = ""  # where the figures come from
+
+    def kernel_seconds(self, nbytes: float, flops: float) -> float:
+        """Duration of a kernel moving `nbytes` through device memory and doing `flops`: the slower bound wins."""
+        return max(self.kernel_min_s, nbytes / self.hbm_bytes_per_s, flops / self.flops_per_s)
+
+    def copy_seconds(self, nbytes: float, kind: str, pinned: bool = True) -> float:
+        """Duration of a copy of kind 'h2d', 'd2h', 'd2d' or 'peer'; `pinned` matters for h2d and d2h only."""
+        if kind == "h2d":
+            seconds = nbytes / (self.pinned_h2d_bytes_per_s if pinned else self.pageable_h2d_bytes_per_s)
+        elif kind == "d2h":
+            seconds = nbytes / (self.pinned_d2h_bytes_per_s if pinned else self.pageable_d2h_bytes_per_s)
+        elif kind == "d2d":
+            seconds = 2 * nbytes / self.hbm_bytes_per_s  # a device copy reads and writes every byte
+        elif kind == "peer":
+            seconds = nbytes / self.peer_bytes_per_s
+        else:
+            raise ValueError(f"unknown copy kind {kind!r}: expected 'h2d', 'd2h', 'd2d' or 'peer'")
+        return self.copy_setup_s + seconds
+
+H100 = DeviceProfile(
+    name="h100",
+    memory_bytes=85_031_714_816,  # 79.19 GiB, what torch reports for an H100 80GB HBM3
+    hbm_bytes_per_s=2984e9,
+    pinned_h2d_bytes_per_s=54.8e9,
+    pinned_d2h_bytes_per_s=52.6e9,
+    pageable_h2d_bytes_per_s=20e9,
+    pageable_d2h_bytes_per_s=18e9,
+    peer_bytes_per_s=300e9,
+    flops_per_s=600e12,
+    eager_op_host_s=15.2e-6,
+    view_op_host_s=0.5e-6,
+    kernel_min_s=1.0e-6,
+    graph_launch_host_s=15e-6,
+    graph_node_s=0.4e-6,
+    copy_setup_s=5e-6,
+    notes=(
+        "Measured on our H100 80GB HBM3: memory (as torch reports it), HBM bandwidth, pinned h2d/d2h copies. "
+        "Estimates: pageable copies, peer bandwidth, matmul rate. The host and launch overheads are fitted "
+        "so that the plain bf16 SmolLM2-135M decode step of sim/calibration.py (1602 kernels, 1503 views "
+        "as aten sees them) takes the measured 25.2 ms eager and 2.37 ms as a graph; the same figures "
+        "put pipellm's own eager Q4_1 step (about 6400 kernels) at 99 ms, against 112 ms measured."
+    ),
+)
+
+H200 = replace(
+    H100,
+    name="h200",
+    memory_bytes=150_754_820_096,  # 140.4 GiB
+    hbm_bytes_per_s=4300e9,
+    pinned_h2d_bytes_per_s=55e9,
+    pinned_d2h_bytes_per_s=53e9,
+    peer_bytes_per_s=450e9,
+    notes=(
+        "H100 figures except: memory (140.4 GiB) and HBM bandwidth of the H200; peer bandwidth is an estimate "
+        "for NVLink (NV18); pinned copies assume the same host link as our H100 (not measured); "
+        "host and launch overheads are the H100's."
+    ),
+)
+
+RTX4090 = DeviceProfile(
+    name="rtx4090",
+    memory_bytes=25_757_220_864,  # 23.99 GiB, what torch reports for a 24 GB card
+    hbm_bytes_per_s=1000e9,
+    pinned_h2d_bytes_per_s=25e9,  # PCIe 4.0 x16
+    pinned_d2h_bytes_per_s=25e9,
+    pageable_h2d_bytes_per_s=12e9,
+    pageable_d2h_bytes_per_s=10e9,
+    peer_bytes_per_s=25e9,  # no NVLink: peer copies go through PCIe
+    flops_per_s=165e12,
+    eager_op_host_s=25e-6,
+    view_op_host_s=3e-6,
+    kernel_min_s=2.5e-6,
+    graph_launch_host_s=12e-6,
+    graph_node_s=1.2e-6,
+    copy_setup_s=8e-6,
+    notes="Estimates from public specifications, not measured.",
+)
+
+PROFILES: dict[str, DeviceProfile] = {p.name: p for p in (H100, H200, RTX4090)}
+
+
+def get_profile(name: str) -> DeviceProfile:
+    """The profile called `name` (case-insensitive)."""
+    try:
+        return PROFILES[name.lower()]
+    except KeyError:
+        known = ", ".join(sorted(PROFILES))
+        raise PipeLLMError(f"unknown sim device profile {name!r}: known profiles are {known}") from None

@@ -1,0 +1,148 @@
+"""The graphs of one engine: one per (stage, batch bucket, context bucket), captured on first use
+(or all up front), each checked against the eager step before it is trusted."""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+
+import torch
+
+from pipellm_core.progress import progress_bar
+from pipellm_core.step import StepBatch
+
+from .buckets import BucketPolicy
+
+# a graph replays the same kernels as the eager step, so outputs agree to the last bit; the
+# tolerance only absorbs kernels that are not bitwise deterministic
+VALIDATION_RTOL = 1e-3
+
+
+class StepShape:
+    """Static input buffers of one fixed-shape step and the eager step that reads them."""
+
+    def __init__(self, engine, stage: int, batch: int, ctx: int):
+        self.engine, self.stage, self.batch, self.ctx = engine, stage, batch, ctx
+        dev = engine.stage_device(stage) if stage > 0 else engine.plan.embedding_device
+        self.tokens = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.slots = torch.full((batch,), engine.pad_slot, dtype=torch.long, device=dev)
+        self.hidden = (torch.zeros(batch, 1, engine.config.n_embd, dtype=engine.dtype, device=dev)
+                       if stage > 0 else None)
+        self.step_batch = StepBatch(self.tokens, self.positions, self.slots, ctx)
+
+    def fill(self, batch: StepBatch, hidden: torch.Tensor | None) -> None:
+        n = len(batch)
+        self.tokens[:n].copy_(batch.tokens)
+        self.positions[:n].copy_(batch.positions)
+        self.slots[:n].copy_(batch.slots)
+        if n < self.batch:
+            self.tokens[n:].zero_()
+            self.positions[n:].zero_()
+            self.slots[n:].fill_(self.engine.pad_slot)
+        if self.hidden is not None:
+            self.hidden[:n].copy_(hidden)
+
+    def eager(self) -> torch.Tensor:
+        return self.engine.eager_stage_step(self.stage, self.step_batch, self.hidden)
+
+
+def capture_graph(engine, shape: StepShape, pool):
+    """A graph of `shape`'s step, recorded (its first output computed): CUDA or simulated."""
+    if engine.sim is not None:
+        from pipellm_core.sim.graph import SimGraph
+        return SimGraph(engine.costing, shape.eager, pool)
+    from .cuda_capture import CudaStepGraph
+    return CudaStepGraph(shape.eager, pool, shape.tokens.device)
+
+
+def outputs_match(graph_out: torch.Tensor, eager_out: torch.Tensor) -> tuple[bool, float]:
+    diff = (graph_out.float() - eager_out.float()).abs().max().item()
+    scale = max(eager_out.float().abs().max().item(), 1.0)
+    ok = bool(torch.isfinite(graph_out).all()) and diff <= VALIDATION_RTOL * scale
+    return ok, diff
+
+
+class GraphRunner:
+    def __init__(self, engine, policy: BucketPolicy):
+        self.engine, self.policy = engine, policy
+        self.graphs: dict[tuple[int, int, int], object] = {}  # (stage, B, C) -> graph, or None: disabled
+        self.shapes: dict[tuple[int, int, int], StepShape] = {}
+        if engine.sim is not None:
+            from pipellm_core.sim.graph import SimGraphPool
+            self.pool = SimGraphPool(engine.sim.device(0))
+        else:
+            self.pool = torch.cuda.graph_pool_handle()
+        self.replays = 0
+        self.eager_fallbacks = 0
+        self.capture_seconds = 0.0
+
+    @property
+    def memory_bytes(self) -> int:
+        """Device memory the graphs hold (their shared pool)."""
+        if self.engine.sim is not None:
+            return self.pool.nbytes
+        return sum(g.memory_bytes for g in self.graphs.values() if g is not None)
+
+    def run(self, stage: int, batch: StepBatch, hidden):
+        """The step's output from a graph replay, or None when no graph serves it (eager runs)."""
+        bucket = self.policy.pick(len(batch), batch.ctx_len)
+        if bucket is None:
+            self.eager_fallbacks += 1
+            return None
+        key = (stage, *bucket)
+        shape = self.shapes.get(key) or self.shapes.setdefault(key, StepShape(self.engine, stage, *bucket))
+        shape.fill(batch, hidden)
+        if key not in self.graphs:
+            out = self._capture(key, shape)
+        elif self.graphs[key] is None:
+            self.eager_fallbacks += 1
+            return None
+        else:
+            out = self.graphs[key].replay()
+            self.replays += 1
+        return out[: len(batch)].clone() if out is not None else None
+
+    def _capture(self, key, shape: StepShape):
+        """Record the graph of `key`, check it against eager on the same inputs, keep it or not."""
+        stage, b, c = key
+        start = time.perf_counter()
+        graph = capture_graph(self.engine, shape, self.pool)
+        try:
+            out = graph.record()
+        except RuntimeError as e:
+            warnings.warn(f"graphs: cannot capture stage {stage}, batch {b} x context {c} "
+                          f"({str(e).splitlines()[0]}); that shape runs eager", stacklevel=2)
+            self.graphs[key] = None
+            return None
+        captured = out.clone()
+        expected = shape.eager()
+        ok, diff = outputs_match(captured, expected)
+        self.capture_seconds += time.perf_counter() - start
+        if not ok:
+            warnings.warn(f"graphs: the graph of stage {stage}, batch {b} x context {c} differs from "
+                          f"the eager step (max |diff| {diff:.3g}); that shape runs eager", stacklevel=2)
+            self.graphs[key] = None
+            return expected
+        self.graphs[key] = graph
+        if self.engine.progress and self.engine.sim is None:
+            print(f"graphs: captured batch {b} x context {c} (stage {stage}) in "
+                  f"{time.perf_counter() - start:.2f} s; graphs hold {self.memory_bytes / 2**20:.1f} MiB",
+                  file=sys.stderr)
+        return captured
+
+    def capture_all(self) -> None:
+        """Capture every shape of every stage now (`--graphs-capture all`), with progress."""
+        stages = len(self.engine.plan.stages)
+        shapes = [(s, b, c) for s in range(stages) for b, c in self.policy.all_shapes()]
+        bar = progress_bar(total=len(shapes), desc="capturing graphs", enabled=self.engine.progress)
+        for stage, b, c in shapes:
+            key = (stage, b, c)
+            shape = self.shapes.setdefault(key, StepShape(self.engine, stage, b, c))
+            shape.fill(StepBatch(shape.tokens[:0], shape.positions[:0], shape.slots[:0], c),
+                       None if shape.hidden is None else shape.hidden[:0])
+            with self.engine.running():
+                self._capture(key, shape)
+            bar.update(1)
+        bar.close()
