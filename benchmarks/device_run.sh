@@ -9,6 +9,10 @@
 #   device_run.sh wait             wait for the build and the models
 #   device_run.sh tests            the GPU tests (pytest -m gpu), log in $OUT
 #   device_run.sh bench NAME ARGS  `pipellm bench` with the llama.cpp baseline; NAME.{json,md,png} in $OUT
+#   device_run.sh pack-build       the built llama-cpp-python as $OUT/llama-build.tgz.part-* (15 MB
+#                                  pieces), to carry to a later machine instead of building there
+#
+# `setup` uses a carried build when BUNDLE/llama-build.tgz.part-* exist.
 #
 # BUNDLE is what benchmarks/prepare_device_bundle.sh made. Models and the build live in
 # /tmp/pipellm; set PYTHONPATH as below to use them.
@@ -28,6 +32,9 @@ setup)
   [ -d "$work/site/gguf" ] || python3 -m pip install -q --no-index --no-deps --no-compile \
     --target "$work/site" "$bundle"/wheels/*.whl
   cp "$bundle/smollm2-vocab.gguf" "$work/"
+  if [ ! -d "$work/llama/llama_cpp" ] && ls "$bundle"/llama-build.tgz.part-* >/dev/null 2>&1; then
+    cat "$bundle"/llama-build.tgz.part-* | tar -xzf - -C "$work" && echo "using the carried llama-cpp-python build"
+  fi
   if [ ! -d "$work/llama/llama_cpp" ] && ! pgrep -f "target $work/llama" >/dev/null; then
     mkdir -p "$work/src" && tar -xzf "$bundle"/llama-cpp-python-*.tar.gz -C "$work/src"
     cd "$work/src"/llama_cpp_python-*
@@ -64,6 +71,10 @@ bench)
   cd "$repo"
   python3 -m pipellm_core.cli bench --device cuda --baseline llamacpp --no-progress \
     --json "$OUT/$name.json" --markdown "$OUT/$name.md" --plot "$OUT/$name.png" "$@" 2>&1 | quiet
+  ;;
+pack-build)
+  tar -czf - -C "$work" llama | split -b 15m -d - "$OUT/llama-build.tgz.part-"
+  ls -la "$OUT"/llama-build.tgz.part-*
   ;;
 *)
   echo "unknown step $step" >&2; exit 2
