@@ -9,17 +9,15 @@
 #   device_run.sh wait             wait for the build and the models
 #   device_run.sh tests            the GPU tests (pytest -m gpu), log in $OUT
 #   device_run.sh bench NAME ARGS  `pipellm bench` with the llama.cpp baseline; NAME.{json,md,png} in $OUT
-#   device_run.sh pack-build       the built llama-cpp-python as $OUT/llama-build.tgz.part-* (15 MB
-#                                  pieces), to carry to a later machine instead of building there
-#
-# `setup` uses a carried build when BUNDLE/llama-build.tgz.part-* exist.
+#   device_run.sh py SCRIPT ARGS   a Python script of the checkout with the same environment
 #
 # BUNDLE is what benchmarks/prepare_device_bundle.sh made. Models and the build live in
 # /tmp/pipellm; set PYTHONPATH as below to use them.
 set -uo pipefail
 work=/tmp/pipellm
 repo=$(cd "$(dirname "$0")/.." && pwd)
-export PYTHONPATH=$work/site:$work/llama:$repo
+# the checkout first; $work/pkg only adds pipellm's metadata (the `pipellm` entry points)
+export PYTHONPATH=$work/site:$work/llama:$repo:$work/pkg
 export PYTHONUNBUFFERED=1
 export PIPELLM_COMMIT=${PIPELLM_COMMIT:-$(cat "$repo/benchmarks/.commit" 2>/dev/null || echo unknown)}
 mkdir -p "$work" "${OUT:-/tmp/out}"
@@ -31,10 +29,9 @@ setup)
   bundle=$1
   [ -d "$work/site/gguf" ] || python3 -m pip install -q --no-index --no-deps --no-compile \
     --target "$work/site" "$bundle"/wheels/*.whl
-  cp "$bundle/smollm2-vocab.gguf" "$work/"
-  if [ ! -d "$work/llama/llama_cpp" ] && ls "$bundle"/llama-build.tgz.part-* >/dev/null 2>&1; then
-    cat "$bundle"/llama-build.tgz.part-* | tar -xzf - -C "$work" && echo "using the carried llama-cpp-python build"
-  fi
+  [ -f "$work/smollm2-vocab.gguf" ] || cp "$bundle/smollm2-vocab.gguf" "$work/"
+  [ -d "$work/pkg" ] || python3 -m pip install -q --no-deps --no-build-isolation --no-index \
+    --target "$work/pkg" "$repo"
   if [ ! -d "$work/llama/llama_cpp" ] && ! pgrep -f "target $work/llama" >/dev/null; then
     mkdir -p "$work/src" && tar -xzf "$bundle"/llama-cpp-python-*.tar.gz -C "$work/src"
     cd "$work/src"/llama_cpp_python-*
@@ -72,9 +69,8 @@ bench)
   python3 -m pipellm_core.cli bench --device cuda --baseline llamacpp --no-progress \
     --json "$OUT/$name.json" --markdown "$OUT/$name.md" --plot "$OUT/$name.png" "$@" 2>&1 | quiet
   ;;
-pack-build)
-  tar -czf - -C "$work" llama | split -b 15m -d - "$OUT/llama-build.tgz.part-"
-  ls -la "$OUT"/llama-build.tgz.part-*
+py)
+  cd "$repo" && python3 "$@" 2>&1 | quiet
   ;;
 *)
   echo "unknown step $step" >&2; exit 2

@@ -26,6 +26,7 @@ class CudaStepGraph:
                 for _ in range(WARMUP_RUNS):
                     self.step()
             torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.empty_cache()  # as the capture itself does first: its pool's growth is then measurable
             before = torch.cuda.memory_reserved()
             with torch.cuda.graph(self.graph, pool=self.pool):
                 self.output = self.step()

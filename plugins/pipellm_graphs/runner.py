@@ -14,9 +14,11 @@ from pipellm_core.step import StepBatch
 
 from .buckets import BucketPolicy
 
-# a graph replays the same kernels as the eager step, so outputs agree to the last bit; the
-# tolerance only absorbs kernels that are not bitwise deterministic
-VALIDATION_RTOL = 1e-3
+# A graph replays the eager step's kernels, but a library may pick another algorithm while
+# capturing (cuBLAS may, on another stream), so outputs can differ in the last bits, which the
+# 8-bit activation rounding then amplifies. A wrong graph (stale or misplaced buffers) is off by
+# the order of the logits themselves; the bound sits far between the two.
+VALIDATION_REL_L2 = 0.05
 
 
 class StepShape:
@@ -58,10 +60,10 @@ def capture_graph(engine, shape: StepShape, pool):
 
 
 def outputs_match(graph_out: torch.Tensor, eager_out: torch.Tensor) -> tuple[bool, float]:
-    diff = (graph_out.float() - eager_out.float()).abs().max().item()
-    scale = max(eager_out.float().abs().max().item(), 1.0)
-    ok = bool(torch.isfinite(graph_out).all()) and diff <= VALIDATION_RTOL * scale
-    return ok, diff
+    """Whether a graph's output agrees with the eager step's: per row, relative L2 error."""
+    g, e = graph_out.float().flatten(1), eager_out.float().flatten(1)
+    rel = ((g - e).norm(dim=-1) / e.norm(dim=-1).clamp_min(1e-6)).max().item()
+    return bool(torch.isfinite(g).all()) and rel <= VALIDATION_REL_L2, rel
 
 
 class GraphRunner:
@@ -122,7 +124,7 @@ class GraphRunner:
         self.capture_seconds += time.perf_counter() - start
         if not ok:
             warnings.warn(f"graphs: the graph of stage {stage}, batch {b} x context {c} differs from "
-                          f"the eager step (max |diff| {diff:.3g}); that shape runs eager", stacklevel=2)
+                          f"the eager step (relative error {diff:.3g}); that shape runs eager", stacklevel=2)
             self.graphs[key] = None
             return expected
         self.graphs[key] = graph
