@@ -184,7 +184,12 @@ def row_bytes(qtype, cols: int) -> int:
     return cols // block * size
 
 
+_STORED_AS = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}
+
+
 def dequantize(raw: torch.Tensor, qtype, cols: int, dtype=torch.float32) -> torch.Tensor:
     """Decode `raw` (uint8 bytes of whole rows) into a float tensor [rows, cols]."""
+    if _STORED_AS.get(qtype) == dtype and raw.is_contiguous():
+        return raw.view(dtype).reshape(-1, cols)  # already in that format: no copy
     size = GGML_QUANT_SIZES[qtype][1]
     return DECODERS[qtype](raw.reshape(-1, size)).reshape(-1, cols).to(dtype)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .activation_rounding import round_like_llamacpp
+from .kernels import quant_matmul
 from .model_file import ModelConfig
 from .weights import LayerWeights, ModelWeights, QuantizedMatrix
 
@@ -63,11 +64,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def linear(x: torch.Tensor, w: QuantizedMatrix, bias: torch.Tensor | None = None) -> torch.Tensor:
     x = round_like_llamacpp(x, w.qtype, x.device.type)
-    y = x @ w.dequantize(x.dtype).t()
+    if quant_matmul.supports(x, w.qtype):
+        y = quant_matmul.block_matmul(x, w.raw, w.qtype, w.rows, w.cols)
+    else:
+        y = x @ w.dequantize(x.dtype).t()
     return y + bias.to(y.dtype) if bias is not None else y
 
 
 class Transformer:
+    """The model's forward pass. Matrix products run in `dtype`; the residual stream between
+    them stays in float32, as llama.cpp keeps it (an fp16 residual overflows on models whose
+    activations grow past 65504 over the layers)."""
+
+    residual_dtype = torch.float32
+
     def __init__(self, config: ModelConfig, weights: ModelWeights, cache: KVCache, dtype: torch.dtype):
         self.config, self.weights, self.cache, self.dtype = config, weights, cache, dtype
         cos, sin = rope_tables(config, cache.ctx_size, weights.rope_freqs)
@@ -76,7 +86,7 @@ class Transformer:
         self._positions = {d: torch.arange(cache.ctx_size, device=d) for d in devices}
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.weights.token_embd.rows_dequantized(tokens, self.dtype)
+        return self.weights.token_embd.rows_dequantized(tokens, self.residual_dtype)
 
     def attention_mask(self, positions: torch.Tensor, ctx_len: int) -> torch.Tensor:
         """[B, 1, T, ctx_len]: a query at position p sees cache positions 0..p of its own slot."""
@@ -85,10 +95,10 @@ class Transformer:
 
     def layer(self, i: int, h: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
               mask: torch.Tensor, ctx_len: int, w: LayerWeights | None = None) -> torch.Tensor:
-        """One block on h [B, T, n_embd]; writes this step's keys/values into the cache."""
+        """One block on h [B, T, n_embd] (float32); writes this step's keys/values into the cache."""
         c, w = self.config, w or self.weights.layers[i]
         B, T, _ = h.shape
-        x = rms_norm(h, w.attn_norm, c.rms_eps)
+        x = rms_norm(h, w.attn_norm, c.rms_eps).to(self.dtype)
         q = linear(x, w.wq, w.bq).view(B, T, c.n_heads, c.head_dim)
         k = linear(x, w.wk, w.bk).view(B, T, c.n_kv_heads, c.head_dim)
         v = linear(x, w.wv, w.bv).view(B, T, c.n_kv_heads, c.head_dim)
@@ -103,12 +113,12 @@ class Transformer:
         attn = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
             enable_gqa=c.n_heads != c.n_kv_heads)
-        h = h + linear(attn.transpose(1, 2).reshape(B, T, -1), w.wo)
-        x = rms_norm(h, w.ffn_norm, c.rms_eps)
-        return h + linear(F.silu(linear(x, w.w_gate)) * linear(x, w.w_up), w.w_down)
+        h = h + linear(attn.transpose(1, 2).reshape(B, T, -1), w.wo).to(h.dtype)
+        x = rms_norm(h, w.ffn_norm, c.rms_eps).to(self.dtype)
+        return h + linear(F.silu(linear(x, w.w_gate)) * linear(x, w.w_up), w.w_down).to(h.dtype)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        h = rms_norm(h, self.weights.output_norm, self.config.rms_eps)
+        h = rms_norm(h, self.weights.output_norm, self.config.rms_eps).to(self.dtype)
         return linear(h, self.weights.output).float()
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,

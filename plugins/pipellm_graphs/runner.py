@@ -30,7 +30,7 @@ class StepShape:
         self.tokens = torch.zeros(batch, dtype=torch.long, device=dev)
         self.positions = torch.zeros(batch, dtype=torch.long, device=dev)
         self.slots = torch.full((batch,), engine.pad_slot, dtype=torch.long, device=dev)
-        self.hidden = (torch.zeros(batch, 1, engine.config.n_embd, dtype=engine.dtype, device=dev)
+        self.hidden = (torch.zeros(batch, 1, engine.config.n_embd, dtype=engine.model.residual_dtype, device=dev)
                        if stage > 0 else None)
         self.step_batch = StepBatch(self.tokens, self.positions, self.slots, ctx)
 

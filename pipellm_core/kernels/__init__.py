@@ -1,0 +1,1 @@
+"""GPU kernels that read GGUF blocks as they are stored (see `quant_matmul`)."""

@@ -1,0 +1,56 @@
+"""The Triton kernels that multiply by GGUF blocks, against the torch path (dequantize, then
+multiply), in Triton's interpreter on the CPU (a subprocess: the interpreter is chosen when the
+kernels are defined). On a GPU, the marked test runs them for real."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+CHECK = r"""
+import numpy as np, torch
+from gguf import GGMLQuantizationType as T
+from pipellm_core.dequant import dequantize
+from pipellm_core.kernels import quant_matmul
+from pipellm_core.synthetic import random_blocks
+
+dev = "{device}"
+rng = np.random.default_rng(0)
+for qtype in (T.Q4_0, T.Q4_1, T.Q8_0):
+    for m, n, k in ((1, 48, 64), (3, 40, 576), (17, 33, 320), (33, 64, 256)):
+        raw = torch.from_numpy(random_blocks(qtype, n * k // 32, rng, 0.01).reshape(n, -1)).to(dev)
+        x = (torch.randn(m, k, generator=torch.Generator().manual_seed(m)) ).half().to(dev)
+        assert quant_matmul.supports(x, qtype)
+        got = quant_matmul.block_matmul(x, raw, qtype, n, k).float()
+        want = (x.float() @ dequantize(raw, qtype, k, torch.float16).float().t())
+        err = ((got - want).norm() / want.norm()).item()
+        assert got.shape == (m, n) and err < 2e-3, (qtype.name, m, n, k, err)
+        print(qtype.name, m, n, k, f"{{err:.2e}}")
+print("ok")
+"""
+
+
+def test_kernels_match_the_torch_path_in_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", CHECK.format(device="cpu")], capture_output=True,
+                       text=True, env=env, timeout=900)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+
+
+@pytest.mark.gpu
+def test_kernels_match_the_torch_path_on_cuda():
+    exec(CHECK.format(device="cuda"), {})
+
+
+def test_torch_path_where_no_kernel_applies():
+    from gguf import GGMLQuantizationType as T
+
+    from pipellm_core.kernels import quant_matmul
+    x = torch.zeros(2, 64, dtype=torch.float16)
+    assert not quant_matmul.supports(x, T.Q4_0) or os.environ.get("TRITON_INTERPRET") == "1"
+    assert not quant_matmul.supports(x.float(), T.Q4_0)
+    assert not quant_matmul.supports(x, T.Q6_K)
