@@ -7,7 +7,7 @@
 #                                  llama-cpp-python CUDA build and the random-weight models
 #   device_run.sh model PART       add a half of the real SmolLM2 file (model.part-a / -b)
 #   device_run.sh wait             wait for the build and the models
-#   device_run.sh tests            the GPU tests (pytest -m gpu), log in $OUT
+#   device_run.sh tests [PATHS]    the GPU tests (pytest -m gpu), log in $OUT
 #   device_run.sh bench NAME ARGS  `pipellm bench` with the llama.cpp baseline; NAME.{json,md,png} in $OUT
 #   device_run.sh py SCRIPT ARGS   a Python script of the checkout with the same environment
 #
@@ -61,7 +61,7 @@ wait)
   ;;
 tests)
   cd "$repo"
-  python3 -m pytest -q -s -m gpu tests/ "$@" 2>&1 | quiet | tee -a "$OUT/gpu_tests.log" | tail -25
+  python3 -m pytest -q -s -m gpu "${@:-tests/}" 2>&1 | quiet | tee -a "$OUT/gpu_tests.log" | tail -25
   ;;
 bench)
   name=$1; shift

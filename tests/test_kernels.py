@@ -20,9 +20,11 @@ from pipellm_core.synthetic import random_blocks
 
 dev = "{device}"
 rng = np.random.default_rng(0)
-for qtype in (T.Q4_0, T.Q4_1, T.Q8_0):
-    for m, n, k in ((1, 48, 64), (3, 40, 576), (17, 33, 320), (33, 64, 256)):
-        raw = torch.from_numpy(random_blocks(qtype, n * k // 32, rng, 0.01).reshape(n, -1)).to(dev)
+for qtype in (T.Q4_0, T.Q4_1, T.Q8_0, T.Q6_K):
+    for m, n, k in ((1, 48, 256), (3, 40, 768), (17, 33, 512), (33, 64, 256)) if qtype == T.Q6_K else \
+            ((1, 48, 64), (3, 40, 576), (17, 33, 320), (33, 64, 256)):
+        per_block = 256 if qtype == T.Q6_K else 32
+        raw = torch.from_numpy(random_blocks(qtype, n * k // per_block, rng, 0.01).reshape(n, -1)).to(dev)
         x = (torch.randn(m, k, generator=torch.Generator().manual_seed(m)) ).half().to(dev)
         assert quant_matmul.supports(x, qtype)
         got = quant_matmul.block_matmul(x, raw, qtype, n, k).float()
@@ -53,4 +55,4 @@ def test_torch_path_where_no_kernel_applies():
     x = torch.zeros(2, 64, dtype=torch.float16)
     assert not quant_matmul.supports(x, T.Q4_0) or os.environ.get("TRITON_INTERPRET") == "1"
     assert not quant_matmul.supports(x.float(), T.Q4_0)
-    assert not quant_matmul.supports(x, T.Q6_K)
+    assert not quant_matmul.supports(x, T.Q5_K)

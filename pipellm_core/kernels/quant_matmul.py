@@ -28,9 +28,11 @@ try:
 except ImportError:  # pragma: no cover - the torch path serves
     triton = None
 
-# block layout of each type: (bytes per 32 values, offset of the quants, 4-bit?, has a min)
+# block layout of each 32-value type: (bytes per block, offset of the quants, 4-bit?, has a min)
 LAYOUTS = {T.Q4_0: (18, 2, True, False), T.Q4_1: (20, 4, True, True), T.Q8_0: (34, 2, False, False)}
 BLOCKS_PER_STEP = 8  # 256 values of K per loop iteration
+Q6_K_BYTES = 210  # one block of 256 values: ql[128], qh[64], 16 int8 scales, fp16 d
+SUPPORTED = set(LAYOUTS) | {T.Q6_K}
 
 
 def available() -> bool:
@@ -39,7 +41,7 @@ def available() -> bool:
 
 def supports(x: torch.Tensor, qtype) -> bool:
     """Whether `x @ W.T` for blocks of `qtype` runs in a kernel here."""
-    return (qtype in LAYOUTS and x.dtype == torch.float16 and available()
+    return (qtype in SUPPORTED and x.dtype == torch.float16 and available()
             and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
 
 
@@ -113,10 +115,48 @@ if triton is not None:
         tl.store(out, acc.to(tl.float16), mask=m_ok[:, None] & n_ok[None, :])
 
 
+    @triton.jit
+    def _q6_k_matmul_kernel(x_ptr, w_ptr, out_ptr, M, N, stride_xm, stride_wn, stride_om,
+                            n_blocks: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Value i of a block (i = half*128 + quarter*32 + l) takes its low 4 bits from
+        ql[64*half + 32*(quarter & 1) + l] (high nibble for quarters 2, 3), its top 2 bits from
+        qh[32*half + l] >> 2*quarter, and scale 8*half + 2*quarter + l // 16 (ggml's layout)."""
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok = rm < M
+        n_ok = rn < N
+        w_rows = w_ptr + rn[:, None].to(tl.int64) * stride_wn
+        x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
+        i = tl.arange(0, 256)
+        half = i // 128
+        quarter = (i % 128) // 32
+        l = i % 32
+        ql_off = (64 * half + 32 * (quarter & 1) + l)[None, :]
+        nib_shift = (4 * (quarter >> 1)).to(tl.uint8)[None, :]
+        qh_off = (128 + 32 * half + l)[None, :]
+        qh_shift = (2 * quarter).to(tl.uint8)[None, :]
+        sc_off = (192 + 8 * half + 2 * quarter + l // 16)[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for blk in range(0, n_blocks):
+            base = w_rows + blk * 210
+            ok = n_ok[:, None]
+            ql = tl.load(base + ql_off, mask=ok, other=0)
+            qh = tl.load(base + qh_off, mask=ok, other=0)
+            sc = tl.load(base + sc_off, mask=ok, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+            q = (((ql >> nib_shift) & 15) | (((qh >> qh_shift) & 3) << 4)).to(tl.float32) - 32.0
+            d = _fp16_at(base + 208)
+            w = tl.where(ok, (d * sc) * q, 0.0).to(tl.float16)
+            xv = tl.load(x_rows + (blk * 256 + i)[None, :], mask=m_ok[:, None], other=0.0)
+            acc += tl.dot(xv, tl.trans(w))
+        out = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
+        tl.store(out, acc.to(tl.float16), mask=m_ok[:, None] & n_ok[None, :])
+
+
 def block_matmul(x: torch.Tensor, raw: torch.Tensor, qtype, n: int, k: int) -> torch.Tensor:
     """x [..., k] (fp16) times the transpose of the [n, k] matrix whose GGUF blocks are `raw`
     (uint8 [n, bytes per row]): [..., n] in fp16."""
-    block_bytes, qs_offset, four_bit, has_min = LAYOUTS[qtype]
     shape = x.shape
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
@@ -126,6 +166,11 @@ def block_matmul(x: torch.Tensor, raw: torch.Tensor, qtype, n: int, k: int) -> t
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
     block_n = 32 if m <= 32 else 64
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    if qtype == T.Q6_K:
+        _q6_k_matmul_kernel[grid](x2, raw, out, m, n, x2.stride(0), raw.stride(0), out.stride(0), k // 256,
+                                  BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+        return out.reshape(*shape[:-1], n)
+    block_bytes, qs_offset, four_bit, has_min = LAYOUTS[qtype]
     _block_matmul_kernel[grid](x2, raw, out, m, n, x2.stride(0), raw.stride(0), out.stride(0), k // 32,
                                BLOCK_BYTES=block_bytes, QS_OFFSET=qs_offset, FOUR_BIT=four_bit,
                                HAS_MIN=has_min, KB=BLOCKS_PER_STEP, BLOCK_M=block_m, BLOCK_N=block_n,
