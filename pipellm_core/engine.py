@@ -76,6 +76,10 @@ class Engine(ContinuousBatcher):
         # for the padding rows of fixed-shape (graph) steps to write into
         self.cache = KVCache(self.config, max_batch + 1, ctx_size, torch.float16, self.weights.layer_devices)
         self.pad_slot = max_batch
+        # every forward pass runs on this stream, graph captures included: libraries (cuBLAS)
+        # may pick another algorithm on another stream, and then a replay would not give the
+        # eager step's bits
+        self.compute_stream = torch.cuda.Stream(self.device) if self.device.startswith("cuda") else None
         if self.sim is not None:
             self._place_on_sim()
         self.model = Transformer(self.config, self.weights, self.cache, self.dtype)
@@ -93,8 +97,25 @@ class Engine(ContinuousBatcher):
         dev.allocate(self.cache.nbytes, "kv cache")
 
     def running(self):
-        """Context of every forward pass: on the sim backend, the operations are charged to it."""
-        return self.costing if self.costing is not None else contextlib.nullcontext()
+        """Context of every forward pass: on the sim backend, the operations are charged to it;
+        on CUDA they run on the engine's compute stream."""
+        if self.costing is not None:
+            return self.costing
+        if self.compute_stream is not None:
+            return self._on_compute_stream()
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _on_compute_stream(self):
+        stream = self.compute_stream
+        caller = torch.cuda.current_stream(stream.device)
+        if caller == stream:  # already on it (a capture inside a step)
+            yield
+            return
+        stream.wait_stream(caller)
+        with torch.cuda.stream(stream):
+            yield
+        caller.wait_stream(stream)
 
     def step_timer(self):
         if self.sim is None:

@@ -56,7 +56,7 @@ def capture_graph(engine, shape: StepShape, pool):
         from pipellm_core.sim.graph import SimGraph
         return SimGraph(engine.costing, shape.eager, pool)
     from .cuda_capture import CudaStepGraph
-    return CudaStepGraph(shape.eager, pool, shape.tokens.device)
+    return CudaStepGraph(shape.eager, pool, engine.compute_stream)
 
 
 def outputs_match(graph_out: torch.Tensor, eager_out: torch.Tensor) -> tuple[bool, float]:
