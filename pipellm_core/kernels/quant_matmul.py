@@ -47,10 +47,10 @@ def supports(x: torch.Tensor, qtype) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _fp16_at(ptr):
+    def _fp16_at(ptr, mask):
         """The little-endian fp16 at byte address `ptr` (blocks are not 2-byte aligned)."""
-        lo = tl.load(ptr).to(tl.uint16)
-        hi = tl.load(ptr + 1).to(tl.uint16)
+        lo = tl.load(ptr, mask=mask, other=0).to(tl.uint16)
+        hi = tl.load(ptr + 1, mask=mask, other=0).to(tl.uint16)
         return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
 
     @triton.jit
@@ -77,12 +77,12 @@ if triton is not None:
                 blk = b0 + blk_in_step
                 ok = n_ok[:, None] & (blk < n_blocks)[None, :]
                 base = w_rows + (blk * BLOCK_BYTES)[None, :]
-                d = _fp16_at(base)
+                d = _fp16_at(base, ok)
                 q = tl.load(base + QS_OFFSET + j[None, :], mask=ok, other=0)
                 lo = (q & 15).to(tl.float32)
                 hi = (q >> 4).to(tl.float32)
                 if HAS_MIN:
-                    mn = _fp16_at(base + 2)
+                    mn = _fp16_at(base + 2, ok)
                     w_lo = d * lo + mn
                     w_hi = d * hi + mn
                 else:
@@ -104,7 +104,7 @@ if triton is not None:
                 blk = b0 + blk_in_step
                 ok = n_ok[:, None] & (blk < n_blocks)[None, :]
                 base = w_rows + (blk * BLOCK_BYTES)[None, :]
-                d = _fp16_at(base)
+                d = _fp16_at(base, ok)
                 q = tl.load(base + QS_OFFSET + j[None, :], mask=ok, other=0).to(tl.int8, bitcast=True)
                 w = tl.where(ok, d * q.to(tl.float32), 0.0).to(tl.float16)
                 k = blk * 32 + j
@@ -146,7 +146,7 @@ if triton is not None:
             qh = tl.load(base + qh_off, mask=ok, other=0)
             sc = tl.load(base + sc_off, mask=ok, other=0).to(tl.int8, bitcast=True).to(tl.float32)
             q = (((ql >> nib_shift) & 15) | (((qh >> qh_shift) & 3) << 4)).to(tl.float32) - 32.0
-            d = _fp16_at(base + 208)
+            d = _fp16_at(base + 208, ok)
             w = tl.where(ok, (d * sc) * q, 0.0).to(tl.float16)
             xv = tl.load(x_rows + (blk * 256 + i)[None, :], mask=m_ok[:, None], other=0.0)
             acc += tl.dot(xv, tl.trans(w))
