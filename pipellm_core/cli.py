@@ -99,10 +99,12 @@ def _add_engine_options(parser) -> None:
                         help="sim backend: the GPU simulated (default h100)")
     parser.add_argument("--graphs-capture", choices=("lazy", "all"), default=None,
                         help="graphs plugin: capture each shape on first use (lazy, default) or all up front")
-    parser.add_argument("--graphs-batch-buckets", metavar="LIST",
-                        help="graphs plugin: batch sizes captured (default 1,2,4,8,16,32,64 up to the batch)")
-    parser.add_argument("--graphs-ctx-buckets", metavar="LIST",
-                        help="graphs plugin: context lengths captured (default 512, 1024, ... up to -c)")
+    parser.add_argument("--batch-buckets", metavar="LIST",
+                        help="batch sizes decode steps are padded to, each one graph with the graphs "
+                             "plugin (default 1,2,4,8,16,32,64, up to the batch)")
+    parser.add_argument("--ctx-buckets", metavar="LIST",
+                        help="context lengths attention reads in a decode step (default 512, 1024, "
+                             "... doubling, up to -c)")
     parser.add_argument("-O", "--plugin-option", action="append", default=[], metavar="PLUGIN.KEY=VALUE",
                         help="a setting for a plugin (repeatable)")
 
@@ -115,11 +117,12 @@ def _engine_options(args) -> dict:
         if not sep or "." not in key:
             raise PipeLLMError(f"--plugin-option takes PLUGIN.KEY=VALUE, got {item!r}")
         options[key.strip()] = value.strip()
-    for flag, key in (("graphs_capture", "graphs.capture"), ("graphs_batch_buckets", "graphs.batch_buckets"),
-                      ("graphs_ctx_buckets", "graphs.ctx_buckets")):
-        if getattr(args, flag) is not None:
-            options[key] = getattr(args, flag)
+    if args.graphs_capture is not None:
+        options["graphs.capture"] = args.graphs_capture
     out = {"sim_profile": args.sim_profile} if args.backend == "sim" else {}
+    for name in ("batch_buckets", "ctx_buckets"):
+        if getattr(args, name):
+            out[name] = getattr(args, name)
     if options:
         out["plugin_options"] = options
     return out

@@ -14,6 +14,7 @@ from .model_file import ModelFile
 from .plugin_manager import make_plugin_manager
 from .request import GenerationStats, Request, Timer
 from .step import StepBatch
+from .step_shapes import StepShapes
 from .tokenizer import Tokenizer
 from .transformer import KVCache, Transformer
 from .weights import load_weights
@@ -39,13 +40,18 @@ class Engine(ContinuousBatcher):
 
     With `sim="h100"` (or another profile) the engine runs on the sim backend: the math on the
     CPU, the time and memory on a virtual GPU of that profile (`engine.sim`).
+    On CUDA, decode steps run in fixed shapes (`step_shapes.StepShapes`) so that a captured
+    graph gives the eager step's bits; `batch_buckets` and `ctx_buckets` ("1,2,4" or a list)
+    replace the default ones. On the CPU (and the sim) steps keep their exact shape unless
+    `pad_steps=True`: no graph runs there, and exact shapes are what llama.cpp computes.
     `plugin_options` holds settings of plugins, keyed "plugin.setting".
     """
 
     def __init__(self, model_path: str, *, device: str = "cpu", plugins=(), max_batch: int = 1,
                  ctx_size: int = 2048, dtype: torch.dtype | None = None, progress: bool = True,
                  extra_plugins: tuple = (), tokenizer: Tokenizer | None = None,
-                 sim: str | None = None, plugin_options: dict | None = None):
+                 sim: str | None = None, plugin_options: dict | None = None,
+                 batch_buckets=None, ctx_buckets=None, pad_steps: bool | None = None):
         if sim is not None and device != "cpu":
             raise PipeLLMError("the sim backend computes on the CPU; leave --device at cpu")
         self.device = resolve_device(device)
@@ -67,6 +73,8 @@ class Engine(ContinuousBatcher):
         if max_batch <= 0:
             raise PipeLLMError(f"batch size must be positive, got {max_batch}")
         self.max_batch, self.ctx_size = max_batch, ctx_size
+        self.shapes = StepShapes.for_engine(max_batch, ctx_size, batch_buckets, ctx_buckets)
+        self.pad_steps = self.device.startswith("cuda") if pad_steps is None else pad_steps
         self.dtype = dtype or default_dtype(self.device)
         self.pm = make_plugin_manager(plugins, extra_plugins)
         self.plan = LoadPlan.empty(self.config.n_layers)
@@ -181,14 +189,19 @@ class Engine(ContinuousBatcher):
         return self.prefill([r.prompt_tokens for r in admitted], [r.slot for r in admitted])
 
     def decode_logits(self, active: list[Request]) -> torch.Tensor:
-        return self.decode_step(self._step_batch(active))
+        return self.decode_step(self._step_batch(active))[: len(active)]
 
     def _step_batch(self, active: list[Request]) -> StepBatch:
-        dev = self.plan.embedding_device
+        """The step of `active`, padded to its shape: extra rows write to the scratch slot."""
         positions = [r.position for r in active]
+        batch, ctx = len(active), max(positions) + 1
+        if self.pad_steps:
+            batch, ctx = self.shapes.pick(batch, ctx)
+        pad = batch - len(active)
+        dev = self.plan.embedding_device
         return StepBatch(
-            tokens=torch.tensor([r.generated[-1] for r in active], device=dev),
-            positions=torch.tensor(positions, device=dev),
-            slots=torch.tensor([r.slot for r in active], device=dev),
-            ctx_len=max(positions) + 1,
+            tokens=torch.tensor([r.generated[-1] for r in active] + [0] * pad, device=dev),
+            positions=torch.tensor(positions + [0] * pad, device=dev),
+            slots=torch.tensor([r.slot for r in active] + [self.pad_slot] * pad, device=dev),
+            ctx_len=ctx,
         )

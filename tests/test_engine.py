@@ -41,3 +41,42 @@ def test_slots_are_independent(smollm2_path):
     engine.prefill([engine.tokenizer.encode("completely different text " * 3)], [1])
     b = engine.prefill([t], [0])[0]
     assert torch.equal(a, b)
+
+
+def test_decode_steps_run_in_padded_shapes(smollm2_path):
+    """Three sequences run as a batch of 4 over 512 cache positions (as on CUDA); the padding
+    row writes only to the scratch slot, and the real rows' logits are the unpadded step's
+    (up to the kernels' last bits, which another batch size changes)."""
+    from pipellm_core.request import Request
+    from pipellm_core.sampling import SamplingParams
+
+    engine = Engine(smollm2_path, max_batch=4, ctx_size=1024, progress=False, pad_steps=True)
+    reqs = [Request(engine.tokenizer.encode(p), 1, SamplingParams(temperature=0)) for p in PROMPTS]
+    for r, s in zip(reqs, range(3)):
+        r.slot = s
+    first = engine.prefill_logits(reqs).argmax(-1).tolist()
+    for r, t in zip(reqs, first):
+        r.generated.append(t)
+    step = engine._step_batch(reqs)
+    assert len(step) == 4 and step.ctx_len == 512
+    assert step.slots.tolist() == [0, 1, 2, engine.pad_slot]
+    before = [engine.cache.k[0][s].clone() for s in range(3)]
+    padded = engine.decode_logits(reqs)
+    assert padded.shape[0] == 3
+    exact = engine.decode_step(step.select(slice(0, 3)))
+    assert rel(padded, exact) < BOUND and padded.argmax(-1).tolist() == exact.argmax(-1).tolist()
+    for s in range(3):  # only each sequence's own new position was written
+        changed = (engine.cache.k[0][s] != before[s]).any(-1).any(0).nonzero().flatten().tolist()
+        assert changed == [reqs[s].position]
+
+
+def test_cpu_steps_keep_their_exact_shape(smollm2_path):
+    from pipellm_core.request import Request
+    from pipellm_core.sampling import SamplingParams
+
+    engine = Engine(smollm2_path, max_batch=4, ctx_size=1024, progress=False)
+    reqs = [Request([1, 2, 3], 1, SamplingParams(temperature=0)) for _ in range(3)]
+    for r, s in zip(reqs, range(3)):
+        r.slot, r.generated = s, [4]
+    step = engine._step_batch(reqs)
+    assert len(step) == 3 and step.ctx_len == 4

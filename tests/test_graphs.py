@@ -10,11 +10,11 @@ from gguf import GGMLQuantizationType as T
 import pipellm_graphs
 from pipellm_core import ablate
 from pipellm_core.engine import Engine
-from pipellm_core.errors import PluginError
+from pipellm_core.errors import PipeLLMError, PluginError
 from pipellm_core.request import Request
 from pipellm_core.sampling import SamplingParams
+from pipellm_core.step_shapes import StepShapes
 from pipellm_core.synthetic import write_random_gguf
-from pipellm_graphs.buckets import BucketPolicy
 from pipellm_graphs import runner as runner_module
 
 
@@ -36,7 +36,7 @@ def generate(path, **engine_kw):
 
 
 def test_bucket_policy():
-    p = BucketPolicy.for_engine(max_batch=12, ctx_size=3000)
+    p = StepShapes.for_engine(max_batch=12, ctx_size=3000)
     assert p.batch_buckets == (1, 2, 4, 8, 12)
     assert p.ctx_buckets == (512, 1024, 2048, 3000)
     assert p.pick(1, 1) == (1, 512)
@@ -44,11 +44,11 @@ def test_bucket_policy():
     assert p.pick(3, 513) == (4, 1024)
     assert p.pick(9, 2049) == (12, 3000)
     assert p.pick(13, 10) is None and p.pick(1, 3001) is None
-    assert BucketPolicy.for_engine(4, 256).ctx_buckets == (256,)
-    custom = BucketPolicy.for_engine(64, 4096, batch_buckets="1,3,64", ctx_buckets="100,4096")
+    assert StepShapes.for_engine(4, 256).ctx_buckets == (256,)
+    custom = StepShapes.for_engine(64, 4096, batch_buckets="1,3,64", ctx_buckets="100,4096")
     assert custom.batch_buckets == (1, 3, 64) and custom.ctx_buckets == (100, 4096)
-    with pytest.raises(PluginError, match="comma-separated"):
-        BucketPolicy.for_engine(4, 512, batch_buckets="1,x")
+    with pytest.raises(PipeLLMError, match="comma-separated"):
+        StepShapes.for_engine(4, 512, batch_buckets="1,x")
 
 
 def test_same_tokens_across_buckets_batch_changes_and_finishing(q4_model):
@@ -109,9 +109,10 @@ def test_capture_all_up_front(q4_model):
     assert runner.memory_bytes > 0
 
 
-def test_steps_too_large_for_every_bucket_run_eager(q4_model):
+def test_custom_context_buckets(q4_model):
+    """Positions 30 to 33 do not fit the 16 bucket: the steps run in the cache's 64."""
     engine = Engine(q4_model, max_batch=2, ctx_size=64, progress=False, sim="h100",
-                    plugins=["graphs"], plugin_options={"graphs.ctx_buckets": "16"})
+                    plugins=["graphs"], ctx_buckets="16")
     reqs = [Request(list(range(100, 130)), 4, SamplingParams(temperature=0), ignore_eos=True)]
     for _ in engine.generate(reqs):
         pass

@@ -1,14 +1,13 @@
 """graphs: the decode step as CUDA graphs, one per (batch bucket, context bucket).
 
 Eager PyTorch pays host time for every operation of a step; a replayed CUDA graph launches the
-whole step at once. Each step runs in the smallest captured shape that holds it (see
-`buckets`), captured on first use or all up front, and each new graph is checked against the
-eager step on the same inputs: a mismatch warns and that shape stays eager.
+whole step at once. The engine runs each decode step in a fixed shape (`pipellm_core.step_shapes`,
+set by `--batch-buckets` and `--ctx-buckets`); this plugin captures the graph of each shape on
+first use or all up front, and checks each new graph against the eager step on the same inputs:
+a mismatch warns and that shape stays eager.
 
-Options (`Engine(plugin_options=...)`, or the CLI flags named):
+Option (`Engine(plugin_options=...)`):
   graphs.capture        "lazy" (default) or "all" (`--graphs-capture`)
-  graphs.batch_buckets  e.g. "1,2,4,8" (`--graphs-batch-buckets`)
-  graphs.ctx_buckets    e.g. "512,1024" (`--graphs-ctx-buckets`)
 On the sim backend a replay is charged as one launch plus the graph's nodes; on a CPU without
 the sim there is nothing to capture, and the plugin says so and leaves the steps eager.
 """
@@ -21,7 +20,6 @@ import weakref
 from pipellm_core import hookimpl
 from pipellm_core.errors import PluginError
 
-from .buckets import BucketPolicy
 from .runner import GraphRunner
 
 _runners: "weakref.WeakKeyDictionary[object, GraphRunner]" = weakref.WeakKeyDictionary()
@@ -42,9 +40,7 @@ def capture(engine):
         warnings.warn("graphs: CUDA graphs need --device cuda (or the sim backend); "
                       "decode steps stay eager", stacklevel=2)
         return
-    policy = BucketPolicy.for_engine(engine.max_batch, engine.ctx_size,
-                                     opts.get("graphs.batch_buckets"), opts.get("graphs.ctx_buckets"))
-    runner = GraphRunner(engine, policy)
+    runner = GraphRunner(engine, engine.shapes)
     _runners[engine] = runner
     if mode == "all":
         runner.capture_all()

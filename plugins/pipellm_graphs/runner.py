@@ -12,7 +12,7 @@ import torch
 from pipellm_core.progress import progress_bar
 from pipellm_core.step import StepBatch
 
-from .buckets import BucketPolicy
+from pipellm_core.step_shapes import StepShapes
 
 # A graph replays the eager step's kernels, but a library may pick another algorithm while
 # capturing (cuBLAS may, on another stream), so outputs can differ in the last bits, which the
@@ -67,7 +67,7 @@ def outputs_match(graph_out: torch.Tensor, eager_out: torch.Tensor) -> tuple[boo
 
 
 class GraphRunner:
-    def __init__(self, engine, policy: BucketPolicy):
+    def __init__(self, engine, policy: StepShapes):
         self.engine, self.policy = engine, policy
         self.graphs: dict[tuple[int, int, int], object] = {}  # (stage, B, C) -> graph, or None: disabled
         self.shapes: dict[tuple[int, int, int], StepShape] = {}

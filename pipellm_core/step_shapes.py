@@ -1,38 +1,40 @@
-"""Which fixed step shape (batch bucket, context bucket) a decode step runs in.
+"""The fixed shapes (batch bucket, context bucket) that decode steps run in.
 
-A CUDA graph replays fixed shapes, so a step of n sequences whose longest context is L runs in
-the smallest captured shape (B >= n, C >= L): the batch is padded with rows that write to a
-scratch cache slot, and attention reads C cache positions with the ones past each sequence
-masked out.
+A step of n sequences whose longest context is L runs in the smallest shape (B >= n, C >= L):
+the batch is padded with rows that write to a scratch cache slot, and attention reads C cache
+positions with the ones past each sequence masked out. The engine does this with or without
+plugins, so that a CUDA graph of a shape (the graphs plugin) runs the very kernels of the eager
+step of that shape and gives its bits: kernels pick their algorithms by shape.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipellm_core.errors import PluginError
+from .errors import PipeLLMError
 
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 FIRST_CTX_BUCKET = 512
 
 
-def _sizes(text: str, what: str) -> list[int]:
+def _sizes(text, what: str) -> list[int]:
+    items = text.split(",") if isinstance(text, str) else list(text)
     try:
-        values = sorted({int(v) for v in str(text).split(",") if v.strip()})
+        values = sorted({int(v) for v in items if str(v).strip()})
     except ValueError:
-        raise PluginError(f"graphs: {what} takes comma-separated integers, got {text!r}") from None
+        raise PipeLLMError(f"{what} take comma-separated integers, got {text!r}") from None
     if not values or values[0] <= 0:
-        raise PluginError(f"graphs: {what} must be positive integers, got {text!r}")
+        raise PipeLLMError(f"{what} must be positive integers, got {text!r}")
     return values
 
 
 @dataclass(frozen=True)
-class BucketPolicy:
+class StepShapes:
     batch_buckets: tuple[int, ...]
     ctx_buckets: tuple[int, ...]
 
     @classmethod
-    def for_engine(cls, max_batch: int, ctx_size: int, batch_buckets=None, ctx_buckets=None) -> "BucketPolicy":
+    def for_engine(cls, max_batch: int, ctx_size: int, batch_buckets=None, ctx_buckets=None) -> "StepShapes":
         """Batch buckets up to `max_batch` (which is always one); context buckets 512, 1024,
         2048, ... doubling up to the cache's context `ctx_size` (always the last one)."""
         batches = _sizes(batch_buckets, "batch buckets") if batch_buckets else list(DEFAULT_BATCH_BUCKETS)
