@@ -70,7 +70,8 @@ def decode(engine, stage: int, batch, hidden):
     :param engine: the running `Engine`.
     :param stage: the pipeline stage to run (its layers are `engine.plan.stages[stage]`).
     :param batch: the `StepBatch` (tokens, positions, slots, ctx_len) of this micro-batch.
-    :param hidden: the hidden state coming from the previous stage, or None for stage 0.
-    :return: logits [B, vocab] when the stage ends the model, else the hidden state [B, 1, n_embd].
+    :param hidden: the hidden state (float32) coming from the previous stage, or None for stage 0.
+    :return: logits [B, vocab] when the stage ends the model, else the hidden state [B, 1, n_embd];
+        None lets the next implementation answer.
         The core's answer is the eager forward.
     """
