@@ -14,7 +14,8 @@ from .errors import PipeLLMError
 
 EPILOG = """environment: PIPELLM_MODEL, PIPELLM_PLUGINS, PIPELLM_BACKEND, PIPELLM_DEVICE and
 PIPELLM_CTX_SIZE give defaults for the matching flags; PIPELLM_TRACE_HOOKS=1 prints every hook
-call to stderr."""
+call to stderr; PIPELLM_KERNELS=torch multiplies quantized weights by dequantizing them in torch
+instead of in the Triton kernels (CUDA)."""
 
 
 def _env(name: str, default=None, cast=str):

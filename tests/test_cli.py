@@ -93,15 +93,26 @@ def test_unknown_plugin():
     assert_clean_error(pipellm("run", "--plugins", "warp-drive", "-p", "x"), "unknown plugin 'warp-drive'")
 
 
+def test_bad_engine_options():
+    assert_clean_error(pipellm("run", "-O", "capture=all", "-p", "x"), "--plugin-option takes PLUGIN.KEY=VALUE")
+    assert_clean_error(pipellm("run", "--batch-buckets", "1,two", "-p", "x", "--no-progress"),
+                       "batch buckets take comma-separated integers")
+    assert_clean_error(pipellm("run", "--backend", "sim", "--device", "cuda", "-p", "x"),
+                       "sim backend computes on the CPU")
+
+
 def test_plugins_listing():
     r = pipellm("plugins", "--json")
     assert r.returncode == 0
-    core = [p for p in json.loads(r.stdout) if p["name"] == "core"][0]
-    assert core["distribution"] == "pipellm"
+    listed = {p["name"]: p for p in json.loads(r.stdout)}
+    assert listed["core"]["distribution"] == "pipellm"
+    assert listed["graphs"]["distribution"] == "pipellm" and listed["graphs"]["builtin"]
+    assert listed["graphs"]["hooks"] == ["capture", "decode"]
 
 
 def test_help_explains_flags():
     r = pipellm("run", "--help")
     for flag in ("--model", "--prompt", "--n-predict", "--ctx-size", "--temp", "--top-k", "--top-p",
-                 "--min-p", "--seed", "--chat", "--prompts", "--backend", "--device", "--plugins"):
+                 "--min-p", "--seed", "--chat", "--prompts", "--backend", "--device", "--plugins",
+                 "--graphs-capture", "--batch-buckets", "--ctx-buckets", "--sim-profile", "--trace"):
         assert flag in r.stdout
