@@ -40,9 +40,9 @@ class Engine(ContinuousBatcher):
 
     With `sim="h100"` (or another profile) the engine runs on the sim backend: the math on the
     CPU, the time and memory on a virtual GPU of that profile (`engine.sim`).
-    On CUDA, decode steps run in fixed shapes (`step_shapes.StepShapes`) so that a captured
-    graph gives the eager step's bits; `batch_buckets` and `ctx_buckets` ("1,2,4" or a list)
-    replace the default ones. On the CPU (and the sim) steps keep their exact shape unless
+    On CUDA and the sim, decode steps run in fixed shapes (`step_shapes.StepShapes`) so that a
+    captured graph gives the eager step's bits; `batch_buckets` and `ctx_buckets` ("1,2,4" or a
+    list) replace the default ones. On the CPU steps keep their exact shape unless
     `pad_steps=True`: no graph runs there, and exact shapes are what llama.cpp computes.
     `plugin_options` holds settings of plugins, keyed "plugin.setting".
     """
@@ -74,7 +74,9 @@ class Engine(ContinuousBatcher):
             raise PipeLLMError(f"batch size must be positive, got {max_batch}")
         self.max_batch, self.ctx_size = max_batch, ctx_size
         self.shapes = StepShapes.for_engine(max_batch, ctx_size, batch_buckets, ctx_buckets)
-        self.pad_steps = self.device.startswith("cuda") if pad_steps is None else pad_steps
+        if pad_steps is None:
+            pad_steps = self.device.startswith("cuda") or sim is not None
+        self.pad_steps = pad_steps
         self.dtype = dtype or default_dtype(self.device)
         self.pm = make_plugin_manager(plugins, extra_plugins)
         self.plan = LoadPlan.empty(self.config.n_layers)

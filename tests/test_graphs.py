@@ -61,8 +61,8 @@ def test_same_tokens_across_buckets_batch_changes_and_finishing(q4_model):
     assert {(0, 4, 512), (0, 2, 512), (0, 2, 1024), (0, 1, 1024)} <= shapes
     assert all(g is not None for g in runner.graphs.values())
     assert runner.replays >= 25 and runner.eager_fallbacks == 0
-    # and the sim's tokens are the torch CPU backend's
-    cpu, _ = generate(q4_model)
+    # and the sim's tokens are the torch CPU backend's (in the same step shapes)
+    cpu, _ = generate(q4_model, pad_steps=True)
     assert cpu == eager
 
 
