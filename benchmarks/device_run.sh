@@ -19,7 +19,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 # the checkout first; $work/pkg only adds pipellm's metadata (the `pipellm` entry points)
 export PYTHONPATH=$work/site:$work/llama:$repo:$work/pkg
 export PYTHONUNBUFFERED=1
-export PIPELLM_COMMIT=${PIPELLM_COMMIT:-$(cat "$repo/benchmarks/.commit" 2>/dev/null || echo unknown)}
+export PIPELLM_COMMIT=${PIPELLM_COMMIT:-unknown}  # the copy there has no .git: pass the commit in
 mkdir -p "$work" "${OUT:-/tmp/out}"
 quiet() { grep -v "^llama_\|^load\|^print_info\|^graph_\|^sched_\|^init_\|^~llama" ; }
 step=$1; shift

@@ -56,7 +56,8 @@ def schedule(engine, batch):
     """Decide which sequences run on which stage in this decode step. First result wins.
 
     :param engine: the running `Engine`.
-    :param batch: the `StepBatch` of every active sequence (tokens, positions, cache slots).
+    :param batch: the `StepBatch` of every active sequence (tokens, positions, cache slots); on
+        CUDA and the sim padded to its step shape (padding rows use slot `engine.pad_slot`).
     :return: a `Schedule`: the micro-batches, and ticks of (stage, micro-batch index) pairs
         that may run at the same time. The core's answer: one micro-batch (the whole batch)
         going through every stage in order.
