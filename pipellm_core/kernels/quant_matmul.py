@@ -31,18 +31,15 @@ except ImportError:  # pragma: no cover - the torch path serves
 # block layout of each 32-value type: (bytes per block, offset of the quants, 4-bit?, has a min)
 LAYOUTS = {T.Q4_0: (18, 2, True, False), T.Q4_1: (20, 4, True, True), T.Q8_0: (34, 2, False, False)}
 BLOCKS_PER_STEP = 8  # 256 values of K per loop iteration
-Q6_K_BYTES = 210  # one block of 256 values: ql[128], qh[64], 16 int8 scales, fp16 d
 SUPPORTED = set(LAYOUTS) | {T.Q6_K}
-
-
-def available() -> bool:
-    return triton is not None and os.environ.get("PIPELLM_KERNELS", "triton") != "torch"
+# read once: `supports` runs before every matrix product
+ENABLED = triton is not None and os.environ.get("PIPELLM_KERNELS", "triton") != "torch"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
 
 
 def supports(x: torch.Tensor, qtype) -> bool:
     """Whether `x @ W.T` for blocks of `qtype` runs in a kernel here."""
-    return (qtype in SUPPORTED and x.dtype == torch.float16 and available()
-            and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
+    return ENABLED and qtype in SUPPORTED and x.dtype == torch.float16 and (x.is_cuda or INTERPRETED)
 
 
 if triton is not None:
@@ -118,7 +115,8 @@ if triton is not None:
     @triton.jit
     def _q6_k_matmul_kernel(x_ptr, w_ptr, out_ptr, M, N, stride_xm, stride_wn, stride_om,
                             n_blocks: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Value i of a block (i = half*128 + quarter*32 + l) takes its low 4 bits from
+        """Blocks of 256 values in 210 bytes: ql[128], qh[64], 16 int8 scales, fp16 d.
+        Value i of a block (i = half*128 + quarter*32 + l) takes its low 4 bits from
         ql[64*half + 32*(quarter & 1) + l] (high nibble for quarters 2, 3), its top 2 bits from
         qh[32*half + l] >> 2*quarter, and scale 8*half + 2*quarter + l // 16 (ggml's layout)."""
         pid_n = tl.program_id(0)

@@ -78,7 +78,6 @@ class GraphRunner:
             self.pool = torch.cuda.graph_pool_handle()
         self.replays = 0
         self.eager_fallbacks = 0
-        self.capture_seconds = 0.0
 
     @property
     def memory_bytes(self) -> int:
@@ -94,7 +93,7 @@ class GraphRunner:
             self.eager_fallbacks += 1
             return None
         key = (stage, *bucket)
-        shape = self.shapes.get(key) or self.shapes.setdefault(key, StepShape(self.engine, stage, *bucket))
+        shape = self._shape(key)
         shape.fill(batch, hidden)
         if key not in self.graphs:
             out = self._capture(key, shape)
@@ -105,6 +104,12 @@ class GraphRunner:
             out = self.graphs[key].replay()
             self.replays += 1
         return out[: len(batch)].clone() if out is not None else None
+
+    def _shape(self, key) -> StepShape:
+        """The static buffers of `key` (stage, batch, context), made on first use."""
+        if key not in self.shapes:
+            self.shapes[key] = StepShape(self.engine, *key)
+        return self.shapes[key]
 
     def _capture(self, key, shape: StepShape):
         """Record the graph of `key`, check it against eager on the same inputs, keep it or not."""
@@ -121,7 +126,6 @@ class GraphRunner:
         captured = out.clone()
         expected = shape.eager()
         ok, diff = outputs_match(captured, expected)
-        self.capture_seconds += time.perf_counter() - start
         if not ok:
             warnings.warn(f"graphs: the graph of stage {stage}, batch {b} x context {c} differs from "
                           f"the eager step (relative error {diff:.3g}); that shape runs eager", stacklevel=2)
@@ -141,7 +145,7 @@ class GraphRunner:
         bar = progress_bar(total=len(shapes), desc="capturing graphs", enabled=self.engine.progress)
         for stage, b, c in shapes:
             key = (stage, b, c)
-            shape = self.shapes.setdefault(key, StepShape(self.engine, stage, b, c))
+            shape = self._shape(key)
             shape.fill(StepBatch(shape.tokens[:0], shape.positions[:0], shape.slots[:0], c),
                        None if shape.hidden is None else shape.hidden[:0])
             with self.engine.running():
