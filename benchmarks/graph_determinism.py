@@ -1,11 +1,15 @@
 """How far a CUDA-graph replay of a decode step is from the eager step on the same inputs, next
 to how far the eager step is from itself (run again, or on another stream), per batch size.
 
-    python benchmarks/graph_determinism.py MODEL.gguf [--no-reduced-precision]
+    python benchmarks/graph_determinism.py MODEL.gguf [--no-reduced-precision] [--blas cublaslt]
+                                             [--batches 1,8,32]
+
+(CUBLAS_WORKSPACE_CONFIG in the environment is cuBLAS's own setting.)
 
 Prints, per batch: max |difference| of the logits, relative L2 error, and rows whose argmax differs.
 """
 
+import os
 import sys
 
 import torch
@@ -19,6 +23,10 @@ from pipellm_graphs.runner import StepShape
 path = sys.argv[1]
 if "--no-reduced-precision" in sys.argv:
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+if "--blas" in sys.argv:
+    torch.backends.cuda.preferred_blas_library(sys.argv[sys.argv.index("--blas") + 1])
+BATCHES = [int(b) for b in sys.argv[sys.argv.index("--batches") + 1].split(",")] if "--batches" in sys.argv else [1, 8, 32]
+print("settings:", " ".join(sys.argv[2:]) or "default", os.environ.get("CUBLAS_WORKSPACE_CONFIG", ""))
 
 
 def compare(name, a, b):
@@ -28,7 +36,7 @@ def compare(name, a, b):
     print(f"  {name:<22} max|diff| {(a - b).abs().max().item():9.4g}  rel L2 {rel:9.3g}  argmax flips {flips}")
 
 
-for batch in (1, 8, 32):
+for batch in BATCHES:
     engine = Engine(path, device="cuda", max_batch=batch, ctx_size=264, progress=False)
     prompts = synthetic_prompts(batch, 128, engine.tokenizer.vocab_size)
     first = engine.prefill(prompts, list(range(batch))).argmax(-1)

@@ -23,16 +23,30 @@ def _peak_memory(device: str, backend) -> dict:
     return {}
 
 
+def _gpu_layers(backend, name: str, device: str, baseline_gpu_layers: int | None) -> int:
+    """Layers whose weights stay on the GPU (the others stream from host memory, or, for
+    llama.cpp, run on the CPU); 0 on a CPU run."""
+    n = backend.config.n_layers
+    if name == "llamacpp":
+        if not device.startswith("cuda"):
+            return 0
+        return n if baseline_gpu_layers is None or baseline_gpu_layers < 0 else min(n, baseline_gpu_layers)
+    if getattr(backend, "sim", None) is None and not device.startswith("cuda"):
+        return 0
+    return sum(p.resident for p in backend.plan.layers)
+
+
 def _device_label(backend: str, device: str, options: dict) -> str:
-    return f"sim-{options.get('sim_profile', 'h100')}" if backend == "sim" else device
+    profile = options.get("sim_profile", "h100")
+    return f"sim-{getattr(profile, 'name', profile)}" if backend == "sim" else device
 
 
 def ablate(model: str | None = None, plugin_sets=([],), *, backend: str = "torch",
            device: str = "cpu", batch: int = 1, prompt_tokens: int = 128, n_predict: int = 128,
            repeats: int = 3, warmup: int = 1, baseline: str | None = None,
-           progress: bool = True, **engine_options) -> list[dict]:
+           baseline_gpu_layers: int | None = None, progress: bool = True, **engine_options) -> list[dict]:
     """Measure decode speed for each plugin set on `backend` (plus `baseline="llamacpp"` as a
-    row measured in the same run). Each row: plugins, tok/s, ms/step, weight GB/s, peak memory
+    row measured in the same run, with `baseline_gpu_layers` of its layers on the GPU if given). Each row: plugins, tok/s, ms/step, weight GB/s, peak memory
     per device, and `same_tokens` (greedy tokens equal to the first plugin set's).
     `engine_options` go to the engine of every plugin set (`sim_profile`, `plugin_options`)."""
     path = model or default_model_path()
@@ -45,7 +59,8 @@ def ablate(model: str | None = None, plugin_sets=([],), *, backend: str = "torch
     for name, plugins in runs:
         if device.startswith("cuda") and torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        options = engine_options if name == backend else {}
+        options = engine_options if name == backend else (
+            {"n_gpu_layers": baseline_gpu_layers} if baseline_gpu_layers is not None else {})
         be = open_backend(path, name, plugins=plugins, device=device,
                           n_ctx=prompt_tokens + n_predict + 8, max_batch=batch, progress=False, **options)
         m = measure_decode(be, batch=batch, prompt_tokens=prompt_tokens, n_predict=n_predict,
@@ -54,6 +69,7 @@ def ablate(model: str | None = None, plugin_sets=([],), *, backend: str = "torch
                            progress=bar)
         row = m.row()
         row["peak_memory"] = _peak_memory(device, be)
+        row["gpu_layers"] = _gpu_layers(be, name, device, baseline_gpu_layers)
         if name == backend:
             reference = reference if reference is not None else m.tokens
             row["same_tokens"] = m.tokens == reference

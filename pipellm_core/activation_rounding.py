@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from gguf import GGMLQuantizationType as T
 
+from .kernels import activation_q8
+
 _Q8_32 = {T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0}
 _K = {T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K}
 
@@ -40,6 +42,8 @@ def _q8_k(x: torch.Tensor) -> torch.Tensor:
 
 def round_like_llamacpp(x: torch.Tensor, qtype: T, device_kind: str) -> torch.Tensor:
     if qtype in _Q8_32 or (qtype in _K and device_kind == "cuda"):
+        if activation_q8.supports(x):
+            return activation_q8.round_q8_blocks(x)  # the same numbers in one kernel
         return _q8_blocks(x, 32).to(x.dtype)
     if qtype in _K:
         return _q8_k(x).to(x.dtype)

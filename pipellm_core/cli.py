@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ablate", default="none",
                        help="';'-separated plugin sets, 'none' for no plugin (default: none)")
     bench.add_argument("--baseline", choices=("llamacpp",), help="add llama.cpp on the same file as a row")
+    bench.add_argument("--baseline-gpu-layers", type=int, metavar="N",
+                       help="llama.cpp baseline: layers on the GPU (its --n-gpu-layers; default all)")
     bench.add_argument("--backend", choices=("torch", "sim"), default="torch",
                        help="backend of the plugin sets: torch (default) or sim (virtual time)")
     bench.add_argument("--device", default=_env("PIPELLM_DEVICE", "cpu"), help="cpu or cuda (default cpu)")
@@ -106,6 +108,9 @@ def _add_engine_options(parser) -> None:
     parser.add_argument("--ctx-buckets", metavar="LIST",
                         help="context lengths attention reads in a decode step (default 512, 1024, "
                              "... doubling, up to -c)")
+    parser.add_argument("--vram-budget", metavar="SIZE",
+                        help="prefetch plugin: GPU memory the model may use, e.g. 6GiB; layers beyond it "
+                             "stream from pinned host memory (default: the GPU's free memory)")
     parser.add_argument("-O", "--plugin-option", action="append", default=[], metavar="PLUGIN.KEY=VALUE",
                         help="a setting for a plugin (repeatable)")
 
@@ -120,6 +125,8 @@ def _engine_options(args) -> dict:
         options[key.strip()] = value.strip()
     if args.graphs_capture is not None:
         options["graphs.capture"] = args.graphs_capture
+    if args.vram_budget is not None:
+        options["prefetch.vram_budget"] = args.vram_budget
     out = {"sim_profile": args.sim_profile} if args.backend == "sim" else {}
     for name in ("batch_buckets", "ctx_buckets"):
         if getattr(args, name):
@@ -211,7 +218,8 @@ def cmd_bench(args) -> int:
     for b in batches:
         rows += ablate(model, sets, backend=args.backend, device=args.device, batch=b,
                        prompt_tokens=args.prompt_tokens, n_predict=args.n_predict,
-                       repeats=args.repeats, baseline=args.baseline, progress=not args.no_progress,
+                       repeats=args.repeats, baseline=args.baseline, baseline_gpu_layers=args.baseline_gpu_layers,
+                       progress=not args.no_progress,
                        **_engine_options(args))
     params = {k: v for k, v in vars(args).items() if k not in ("func", "json", "markdown", "plot", "no_progress")}
     if args.backend != "sim":

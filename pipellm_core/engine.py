@@ -139,10 +139,7 @@ class Engine(ContinuousBatcher):
     # --- one step -------------------------------------------------------------------------
 
     def _before_layer(self, layer: int):
-        for answer in self.pm.hook.prefetch(engine=self, layer=layer):
-            if answer is not None:
-                return answer
-        return None
+        return self.pm.hook.prefetch(engine=self, layer=layer)
 
     def stage_layers(self, stage: int) -> range:
         layers = self.plan.stages[stage]

@@ -34,7 +34,8 @@ def open_backend(model: str, backend: str, *, plugins=(), device: str = "cpu", n
             raise PluginError("plugins do not apply to the llamacpp backend (it is the baseline); "
                               "drop --plugins or use --backend torch")
         from .llamacpp_backend import LlamaCppBackend
-        return LlamaCppBackend(model, device=device, max_batch=max_batch, ctx_size=n_ctx)
+        return LlamaCppBackend(model, device=device, max_batch=max_batch, ctx_size=n_ctx,
+                               n_gpu_layers=engine_options.pop("n_gpu_layers", None))
     raise PipeLLMError(f"unknown backend {backend!r} (supported: {', '.join(BACKENDS)})")
 
 

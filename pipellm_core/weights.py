@@ -53,14 +53,70 @@ class LayerWeights:
     bq: torch.Tensor | None = None
     bk: torch.Tensor | None = None
     bv: torch.Tensor | None = None
+    host: "HostLayer | None" = field(default=None, repr=False, compare=False)  # set on streamed layers
 
     def tensors(self) -> dict[str, object]:
-        return {k: v for k, v in vars(self).items() if v is not None}
+        return {k: v for k, v in vars(self).items() if v is not None and k != "host"}
 
     @property
     def nbytes(self) -> int:
         return sum(v.nbytes if isinstance(v, QuantizedMatrix) else v.numel() * v.element_size()
                    for v in self.tensors().values())
+
+
+ALIGN = 256  # byte alignment of each tensor inside a packed layer (any dtype's, and the GPU's copy engines')
+
+
+@dataclass
+class TensorSlot:
+    """Where one tensor of a packed layer sits: its byte range and how to view it."""
+
+    name: str
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    qtype: T | None = None  # a QuantizedMatrix's type (then shape is its raw [rows, bytes per row])
+    rows: int = 0
+    cols: int = 0
+
+
+class HostLayer:
+    """A layer's weights packed into one buffer of host memory (pinned when CUDA is there), so
+    that bringing the layer to a GPU is one copy; `view(buffer)` gives the layer over any buffer
+    of the same layout, such as a staging slot on the GPU."""
+
+    def __init__(self, buffer: torch.Tensor, layout: list[TensorSlot]):
+        self.buffer, self.layout = buffer, layout
+        self.weights = self.view(buffer)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.buffer.numel())
+
+    @classmethod
+    def pack(cls, lw: LayerWeights) -> "HostLayer":
+        layout, offset = [], 0
+        for name, v in lw.tensors().items():
+            t = v.raw if isinstance(v, QuantizedMatrix) else v
+            n = t.numel() * t.element_size()
+            q = (v.qtype, v.rows, v.cols) if isinstance(v, QuantizedMatrix) else (None, 0, 0)
+            layout.append(TensorSlot(name, offset, n, t.dtype, tuple(t.shape), *q))
+            offset += -(-n // ALIGN) * ALIGN
+        buffer = torch.empty(offset, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+        for slot, v in zip(layout, lw.tensors().values()):
+            t = v.raw if isinstance(v, QuantizedMatrix) else v
+            buffer[slot.offset: slot.offset + slot.nbytes].copy_(t.contiguous().reshape(-1).view(torch.uint8))
+        return cls(buffer, layout)
+
+    def view(self, buffer: torch.Tensor) -> LayerWeights:
+        parts = {}
+        for s in self.layout:
+            t = buffer[s.offset: s.offset + s.nbytes].view(s.dtype).reshape(s.shape)
+            parts[s.name] = QuantizedMatrix(t, s.qtype, s.rows, s.cols) if s.qtype is not None else t
+        lw = LayerWeights(**parts)
+        lw.host = self
+        return lw
 
 
 @dataclass
@@ -98,7 +154,8 @@ def _vector(info: TensorInfo, device) -> torch.Tensor:
 
 
 def load_weights(mf: ModelFile, plan: LoadPlan, progress: bool = True) -> ModelWeights:
-    """Copy every tensor to the device the plan gives it (pinned host memory for streamed layers)."""
+    """Copy every tensor to the device the plan gives it; a streamed (not resident) layer is packed
+    into one buffer of host memory, pinned when CUDA is there (`LayerWeights.host`)."""
     t = mf.tensors
     for info in t.values():
         check_supported(info.qtype, info.name)
@@ -127,12 +184,8 @@ def load_weights(mf: ModelFile, plan: LoadPlan, progress: bool = True) -> ModelW
             w_down=get("ffn_down.weight", _matrix),
             bq=opt("attn_q.bias"), bk=opt("attn_k.bias"), bv=opt("attn_v.bias"),
         )
-        if not p.resident and torch.cuda.is_available():
-            for name, v in lw.tensors().items():
-                if isinstance(v, QuantizedMatrix):
-                    v.raw = v.raw.pin_memory()
-                else:
-                    setattr(lw, name, v.pin_memory())
+        if not p.resident:
+            lw = HostLayer.pack(lw).weights
         layers.append(lw)
     head_dev = plan.head_device
     output_norm = take("output_norm.weight", _vector, head_dev)

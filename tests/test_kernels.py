@@ -56,3 +56,42 @@ def test_torch_path_where_no_kernel_applies():
     assert not quant_matmul.supports(x, T.Q4_0) or os.environ.get("TRITON_INTERPRET") == "1"
     assert not quant_matmul.supports(x.float(), T.Q4_0)
     assert not quant_matmul.supports(x, T.Q5_K)
+
+
+ROUNDING = r"""
+import torch
+from pipellm_core.activation_rounding import _q8_blocks
+from pipellm_core.kernels import activation_q8
+
+dev = "{device}"
+g = torch.Generator().manual_seed(0)
+for dtype in (torch.float16, torch.float32):
+    for shape in ((1, 64), (3, 576), (2, 5, 320)):
+        x = (torch.randn(*shape, generator=g) * 3).to(dtype)
+        x[..., 7] = 40.0  # an outlier, as real activations have
+        x[..., 32:64] = 0.0  # a block of zeros: scale 0
+        x = x.to(dev)
+        assert activation_q8.supports(x)
+        got = activation_q8.round_q8_blocks(x)
+        want = _q8_blocks(x, 32).to(dtype)
+        assert got.dtype == dtype and got.shape == x.shape
+        assert torch.equal(got, want), (dtype, shape, (got.float() - want.float()).abs().max().item())
+# ties round to even, as torch.round does: 0.5 and 2.5 of a step go down, 1.5 up
+x = torch.zeros(1, 32)
+x[0, :4] = torch.tensor([127.0, 0.5, 1.5, 2.5])
+got = activation_q8.round_q8_blocks(x.to(dev)).cpu()
+assert got[0, :4].tolist() == [127.0, 0.0, 2.0, 2.0], got[0, :4]
+print("ok")
+"""
+
+
+def test_activation_rounding_kernel_equals_the_torch_rounding_in_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", ROUNDING.format(device="cpu")], capture_output=True,
+                       text=True, env=env, timeout=900)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+
+
+@pytest.mark.gpu
+def test_activation_rounding_kernel_equals_the_torch_rounding_on_cuda():
+    exec(ROUNDING.format(device="cuda"), {})

@@ -61,18 +61,32 @@ class SimGraph:
 
     @property
     def device_seconds(self) -> float:
+        """Time of the graph's compute-stream kernels, back to back."""
         profile = self.costing.runtime.device(self.costing.device).profile
-        return sum(n.seconds for n in self.nodes) + len(self.nodes) * profile.graph_node_s
+        kernels = [n for n in self.nodes if n.run is None]
+        return sum(n.seconds for n in kernels) + len(kernels) * profile.graph_node_s
 
     def replay(self):
-        """The step's output, charged as one graph launch."""
+        """The step's output, charged as one graph launch: the host pays once, then the nodes
+        run on their streams, kernels between two other operations as one stretch."""
         costing = self.costing
         profile = costing.runtime.device(costing.device).profile
-        saved, costing.silent = costing.silent, True
-        try:
+        with costing.uncharged():
             self.output = self.step()
-        finally:
-            costing.silent = saved
-        costing.stream.launch(f"graph ({len(self.nodes)} nodes)", self.device_seconds,
-                              host_cost=profile.graph_launch_host_s)
+        costing.runtime.host_work(profile.graph_launch_host_s, "graph launch")
+        stretch: list[GraphNode] = []
+
+        def flush():
+            if stretch:
+                seconds = sum(n.seconds for n in stretch) + len(stretch) * profile.graph_node_s
+                costing.stream.launch(f"graph ({len(stretch)} nodes)", seconds, host_cost=0.0)
+                stretch.clear()
+
+        for node in self.nodes:
+            if node.run is None:
+                stretch.append(node)
+            else:
+                flush()
+                node.run()
+        flush()
         return self.output

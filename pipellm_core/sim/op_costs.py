@@ -13,7 +13,9 @@ because the replay is charged as a whole.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -42,8 +44,12 @@ def _bytes(t: torch.Tensor, float_bytes: int) -> int:
 
 @dataclass
 class GraphNode:
+    """A kernel on the compute stream (`run` None), or another stream operation (a copy, an
+    event recorded or waited on) that `run()` issues again at each replay."""
+
     name: str
     seconds: float
+    run: Callable[[], object] | None = None
 
 
 class SimOpCosting(TorchDispatchMode):
@@ -60,6 +66,44 @@ class SimOpCosting(TorchDispatchMode):
     @property
     def stream(self):
         return self.runtime.device(self.device).default_stream
+
+    # --- stream operations that are not torch operations (copies on a side stream, events) ----
+    # Each is issued now, or kept as a graph node while a graph records, or skipped during a
+    # replay (the replay issues the recorded node instead).
+
+    def _issue(self, name: str, action: Callable[[float | None], object]) -> None:
+        if self.silent:
+            return
+        if self.recording is not None:
+            self.recording.append(GraphNode(name, 0.0, lambda: action(0.0)))
+        else:
+            action(None)
+
+    def copy(self, stream, name: str, nbytes: int, kind: str, *, src: Hashable | None = None,
+             dst: Hashable | None = None) -> None:
+        """A copy of `nbytes` from pinned memory (kind 'h2d', 'd2h', 'd2d' or 'peer') on `stream`."""
+        self._issue(name, lambda host: stream.copy(name, nbytes, kind, src=src, dst=dst, host_cost=host))
+
+    def record(self, stream, event) -> None:
+        self._issue("record event", lambda host: stream.record_event(event))
+
+    def wait(self, stream, event) -> None:
+        self._issue("wait event", lambda host: stream.wait_event(event))
+
+    def touch(self, stream, reads: Iterable[Hashable] = (), writes: Iterable[Hashable] = ()) -> None:
+        """A zero-time mark that the work queued on `stream` so far reads or writes these buffers
+        (for the hazard checks: a kernel's own reads are not named)."""
+        reads, writes = tuple(reads), tuple(writes)
+        self._issue("access", lambda host: stream.launch("access", 0.0, host_cost=0.0, reads=reads, writes=writes))
+
+    @contextlib.contextmanager
+    def uncharged(self):
+        """Torch operations here run on the CPU but cost nothing (data moved by a charged copy)."""
+        saved, self.silent = self.silent, True
+        try:
+            yield
+        finally:
+            self.silent = saved
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

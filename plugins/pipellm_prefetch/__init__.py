@@ -1,0 +1,109 @@
+"""prefetch: weights beyond a VRAM budget live in pinned host memory and stream to the GPU.
+
+At load time the plugin works out how many layers fit on the GPU next to the embedding, the
+output head, the KV cache, a workspace and a few staging slots, and leaves the other layers in
+host memory, each packed into one pinned buffer and spread evenly over the model. Before each
+layer runs, the copies of the next streamed layers go out on a second stream into free slots,
+overlapped with the compute of the layers before them (`streamer.LayerStreamer`).
+
+Options (`Engine(plugin_options=...)`, or `-O prefetch.KEY=VALUE`):
+  prefetch.vram_budget      GPU memory the model may use, e.g. 6GiB (`--vram-budget`); default:
+                            the GPU's free memory (the sim: its profile's)
+  prefetch.resident_layers  keep exactly this many layers on the GPU instead (like llama.cpp's
+                            --n-gpu-layers)
+  prefetch.slots            staging slots on the GPU (default 2)
+  prefetch.workspace        room kept for activations and graphs (default 256MiB)
+It composes with `graphs`: a step's copies and waits are captured into its graph. On a CPU
+without the sim every layer is already in host memory; the plugin says so and does nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+import weakref
+
+import torch
+
+from pipellm_core import hookimpl
+from pipellm_core.errors import PluginError
+
+from .budget import DEFAULT_WORKSPACE, StreamPlan, parse_size, plan_streaming
+from .streamer import LayerStreamer
+from .weights_size import fixed_gpu_bytes, layer_bytes
+
+_plans: "weakref.WeakKeyDictionary[object, StreamPlan]" = weakref.WeakKeyDictionary()
+_streamers: "weakref.WeakKeyDictionary[object, LayerStreamer]" = weakref.WeakKeyDictionary()
+
+
+def plan_of(engine) -> StreamPlan | None:
+    """The engine's streaming plan (None when the plugin is not running on it)."""
+    return _plans.get(engine)
+
+
+def streamer_of(engine) -> LayerStreamer | None:
+    """The engine's streamer (None when no layer streams)."""
+    return _streamers.get(engine)
+
+
+def _free_gpu_bytes(engine) -> int:
+    if engine.sim is not None:
+        return engine.sim.device(0).free_bytes
+    free, _total = torch.cuda.mem_get_info(torch.device(engine.device))
+    return free
+
+
+def _int_option(opts, key):
+    value = opts.get(key)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise PluginError(f"{key} takes a whole number, got {value!r}") from None
+
+
+@hookimpl
+def load(plan, config, engine):
+    if engine.sim is None and not str(engine.device).startswith("cuda"):
+        warnings.warn("prefetch: streaming weights needs --device cuda (or the sim backend); on the "
+                      "CPU every layer is already in host memory", stacklevel=2)
+        return
+    opts = engine.plugin_options
+    resident = _int_option(opts, "prefetch.resident_layers")
+    slots = _int_option(opts, "prefetch.slots") or 2
+    budget = opts.get("prefetch.vram_budget")
+    budget = parse_size(budget) if budget is not None else (None if resident is not None else _free_gpu_bytes(engine))
+    workspace = parse_size(opts.get("prefetch.workspace", DEFAULT_WORKSPACE))
+    tensors = engine.file.tensors
+    sp = plan_streaming([layer_bytes(tensors, i) for i in range(config.n_layers)],
+                        fixed_gpu_bytes(engine, tensors) + workspace, budget=budget,
+                        resident_layers=resident, slots=slots)
+    for i in sp.streamed:
+        plan.layers[i].resident = False
+    _plans[engine] = sp
+    if engine.progress:
+        print(sp.describe(), file=sys.stderr)
+
+
+@hookimpl(tryfirst=True)  # before any capture of graphs, whose steps stream too
+def capture(engine):
+    sp = _plans.get(engine)
+    if sp is None or not sp.streamed:
+        return
+    if engine.sim is not None:
+        from .copy_streams import SimCopyStreams
+        streams, slot_device = SimCopyStreams(engine), "cpu"
+    else:
+        from .copy_streams import CudaCopyStreams
+        streams, slot_device = CudaCopyStreams(engine.device), engine.device
+    streamer = LayerStreamer(engine, sp.streamed, sp.slots, streams, slot_device)
+    if engine.sim is not None:
+        engine.sim.device(0).allocate(len(streamer.slots) * streamer.slot_bytes, "prefetch slots")
+    _streamers[engine] = streamer
+
+
+@hookimpl
+def prefetch(engine, layer):
+    streamer = _streamers.get(engine)
+    return streamer.before_layer(layer) if streamer is not None else None
