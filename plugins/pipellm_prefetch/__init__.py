@@ -91,6 +91,9 @@ def capture(engine):
     sp = _plans.get(engine)
     if sp is None or not sp.streamed:
         return
+    if len(engine.plan.stages) > 1:
+        raise PluginError("prefetch: streaming layers into a pipeline of several stages is not "
+                          "supported yet; use prefetch or pipeline")
     if engine.sim is not None:
         from .copy_streams import SimCopyStreams
         streams, slot_device = SimCopyStreams(engine), "cpu"
