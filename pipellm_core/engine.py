@@ -64,6 +64,7 @@ class Engine(ContinuousBatcher):
             self.costing = SimOpCosting(self.sim)
         self.progress = progress
         self.plugin_options = dict(plugin_options or {})
+        self.plugin_state: dict[str, object] = {}  # what each plugin keeps for this engine, by plugin name
         self.file = ModelFile(model_path)
         self.config = self.file.config
         if ctx_size <= 0:

@@ -14,6 +14,8 @@ from pipellm_core.request import Request
 from pipellm_core.sampling import SamplingParams
 from pipellm_core.synthetic import Shape, write_random_gguf
 
+from .conftest import IdTokenizer
+
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")]
 
@@ -21,13 +23,14 @@ EIGHT_LAYERS = Shape("llama", 8, 1024, 2816, 16, 4, 2048)
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory, smollm2_path):
+def model(tmp_path_factory, vocab_path):
     path = tmp_path_factory.mktemp("pp") / "eight-layers-q4.gguf"
-    return write_random_gguf(str(path), EIGHT_LAYERS, T.Q4_0, tokenizer_from=smollm2_path, std=0.05, seed=13)
+    return write_random_gguf(str(path), EIGHT_LAYERS, T.Q4_0, tokenizer_from=vocab_path, std=0.05, seed=13)
 
 
 def generate(path, **kw):
-    engine = Engine(path, device="cuda", max_batch=8, ctx_size=1024, progress=False, **kw)
+    engine = Engine(path, device="cuda", max_batch=8, ctx_size=1024, progress=False,
+                    tokenizer=IdTokenizer(), **kw)
     reqs = [Request(list(range(100 + 7 * k, 140 + 7 * k)), 12 - k, SamplingParams(temperature=0), ignore_eos=True)
             for k in range(8)]
     for _ in engine.generate(reqs):

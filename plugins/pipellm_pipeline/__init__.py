@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import sys
 import warnings
-import weakref
 
 import torch
 
@@ -29,7 +28,6 @@ from pipellm_core.errors import PluginError
 from .split import pipeline_schedule, split_layers
 
 ROWS_PER_STAGE_FOR_MICRO_BATCHES = 8
-_stages: "weakref.WeakKeyDictionary[object, int]" = weakref.WeakKeyDictionary()
 
 
 def _int_option(opts, key):
@@ -73,7 +71,7 @@ def load(plan, config, engine):
             p.device = f"cuda:{base + of_layer[i]}"
     if engine.sim is None:
         plan.embedding_device, plan.head_device = plan.layers[0].device, plan.layers[-1].device
-    _stages[engine] = stages
+    engine.plugin_state["pipeline.stages"] = stages
     if engine.progress:
         spans = [[i for i, s in enumerate(of_layer) if s == k] for k in range(stages)]
         print("pipeline: " + ", ".join(f"stage {k}: layers {a[0]}-{a[-1]}" for k, a in enumerate(spans)),
@@ -82,7 +80,7 @@ def load(plan, config, engine):
 
 @hookimpl
 def schedule(engine, batch):
-    stages = _stages.get(engine)
+    stages = engine.plugin_state.get("pipeline.stages")
     if stages is None or stages == 1:
         return None
     micro = _int_option(engine.plugin_options, "pipeline.micro_batches")
