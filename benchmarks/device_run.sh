@@ -5,6 +5,8 @@
 #
 #   device_run.sh setup BUNDLE     install the bundle's wheels; start, in the background, the
 #                                  llama-cpp-python CUDA build and the random-weight models
+#   device_run.sh lite BUNDLE      only the wheels and pipellm's metadata: for GPU work that needs
+#                                  neither llama.cpp nor the benchmark models
 #   device_run.sh model PART       add a half of the real SmolLM2 file (model.part-a / -b)
 #   device_run.sh wait             wait for the build and the models
 #   device_run.sh tests [PATHS]    the GPU tests (pytest -m gpu), log in $OUT
@@ -43,6 +45,15 @@ setup)
   fi
   [ -f "$work/models.done" ] || pgrep -f make_models >/dev/null || \
     setsid nohup python3 "$repo/benchmarks/make_models.py" "$work" > "$work/models.log" 2>&1 &
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  ;;
+lite)
+  bundle=$1
+  [ -d "$work/site/gguf" ] || python3 -m pip install -q --no-index --no-deps --no-compile \
+    --target "$work/site" "$bundle"/wheels/*.whl
+  [ -f "$work/smollm2-vocab.gguf" ] || cp "$bundle/smollm2-vocab.gguf" "$work/"
+  [ -d "$work/pkg" ] || python3 -m pip install -q --no-deps --no-build-isolation --no-index \
+    --target "$work/pkg" "$repo"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   ;;
 model)

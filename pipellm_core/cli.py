@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_engine_options(parser) -> None:
     parser.add_argument("--sim-profile", choices=("h100", "h200", "rtx4090"), default="h100",
                         help="sim backend: the GPU simulated (default h100)")
+    parser.add_argument("--sim-devices", type=int, default=1, metavar="N",
+                        help="sim backend: GPUs of the simulated machine (default 1; the pipeline "
+                             "plugin puts one stage on each)")
     parser.add_argument("--graphs-capture", choices=("lazy", "all"), default=None,
                         help="graphs plugin: capture each shape on first use (lazy, default) or all up front")
     parser.add_argument("--batch-buckets", metavar="LIST",
@@ -127,7 +130,7 @@ def _engine_options(args) -> dict:
         options["graphs.capture"] = args.graphs_capture
     if args.vram_budget is not None:
         options["prefetch.vram_budget"] = args.vram_budget
-    out = {"sim_profile": args.sim_profile} if args.backend == "sim" else {}
+    out = {"sim_profile": args.sim_profile, "sim_devices": args.sim_devices} if args.backend == "sim" else {}
     for name in ("batch_buckets", "ctx_buckets"):
         if getattr(args, name):
             out[name] = getattr(args, name)
@@ -224,6 +227,7 @@ def cmd_bench(args) -> int:
     params = {k: v for k, v in vars(args).items() if k not in ("func", "json", "markdown", "plot", "no_progress")}
     if args.backend != "sim":
         params.pop("sim_profile")
+        params.pop("sim_devices")
     params["model"] = Path(model).name
     result = make_result(args.label or Path(model).name, model, args.device, params, rows)
     table = markdown_table(result)

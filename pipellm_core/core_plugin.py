@@ -6,8 +6,6 @@ with no plugin enabled these are the eager baseline of every ablation.
 
 from __future__ import annotations
 
-import torch
-
 from .hookspecs import hookimpl
 from .step import Schedule
 
@@ -15,17 +13,6 @@ from .step import Schedule
 @hookimpl(trylast=True)
 def load(plan, config, engine):
     plan.fill_defaults(engine.device)
-
-
-@hookimpl(trylast=True)
-def prefetch(engine, layer):
-    """A layer left in host memory (by a plugin's load plan) with no plugin streaming it: copied
-    to its device before it runs, blocking. Correct, and as slow as it sounds."""
-    w = engine.weights.layers[layer]
-    device = engine.plan.layers[layer].device
-    if w.host is None or torch.device(device).type == "cpu":
-        return None
-    return w.host.view(w.host.buffer.to(device))
 
 
 @hookimpl(trylast=True)

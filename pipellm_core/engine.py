@@ -39,7 +39,8 @@ class Engine(ContinuousBatcher):
     """A loaded model ready to generate; `plugins` are names of installed pipellm plugins.
 
     With `sim="h100"` (or another profile) the engine runs on the sim backend: the math on the
-    CPU, the time and memory on a virtual GPU of that profile (`engine.sim`).
+    CPU, the time and memory on `sim_devices` virtual GPUs of that profile (`engine.sim`); the
+    layers of pipeline stage s are charged to virtual GPU s (modulo their number).
     On CUDA and the sim, decode steps run in fixed shapes (`step_shapes.StepShapes`) so that a
     captured graph gives the eager step's bits; `batch_buckets` and `ctx_buckets` ("1,2,4" or a
     list) replace the default ones. On the CPU steps keep their exact shape unless
@@ -50,7 +51,7 @@ class Engine(ContinuousBatcher):
     def __init__(self, model_path: str, *, device: str = "cpu", plugins=(), max_batch: int = 1,
                  ctx_size: int = 2048, dtype: torch.dtype | None = None, progress: bool = True,
                  extra_plugins: tuple = (), tokenizer: Tokenizer | None = None,
-                 sim: str | None = None, plugin_options: dict | None = None,
+                 sim: str | None = None, sim_devices: int = 1, plugin_options: dict | None = None,
                  batch_buckets=None, ctx_buckets=None, pad_steps: bool | None = None):
         if sim is not None and device != "cpu":
             raise PipeLLMError("the sim backend computes on the CPU; leave --device at cpu")
@@ -59,10 +60,11 @@ class Engine(ContinuousBatcher):
         if sim is not None:
             from .sim import SimRuntime
             from .sim.op_costs import SimOpCosting
-            self.sim = SimRuntime(sim)
+            self.sim = SimRuntime(sim, n_devices=sim_devices)
             self.costing = SimOpCosting(self.sim)
         self.progress = progress
         self.plugin_options = dict(plugin_options or {})
+        self.plugin_state: dict[str, object] = {}  # what each plugin keeps for this engine, by plugin name
         self.file = ModelFile(model_path)
         self.config = self.file.config
         if ctx_size <= 0:
@@ -86,11 +88,16 @@ class Engine(ContinuousBatcher):
         # for the padding rows of fixed-shape (graph) steps to write into
         self.cache = KVCache(self.config, max_batch + 1, ctx_size, torch.float16, self.weights.layer_devices)
         self.pad_slot = max_batch
-        # every forward pass runs on this stream, graph captures included: libraries (cuBLAS)
-        # may pick another algorithm on another stream, and then a replay would not give the
-        # eager step's bits
-        self.compute_stream = torch.cuda.Stream(self.device) if self.device.startswith("cuda") else None
+        # every forward pass runs on these streams (one per GPU the model uses), graph captures
+        # included: libraries (cuBLAS) may pick another algorithm on another stream, and then a
+        # replay would not give the eager step's bits
+        gpus = {d for d in [str(x) for x in self.weights.layer_devices] + [self.device] if d.startswith("cuda")}
+        self.compute_streams = {d: torch.cuda.Stream(d) for d in sorted(gpus)}
+        self.compute_stream = self.compute_streams.get(self.device)
+        self._sim_layer_device = []
         if self.sim is not None:
+            n = len(self.sim.devices)
+            self._sim_layer_device = [p.stage % n for p in self.plan.layers]
             self._place_on_sim()
         self.model = Transformer(self.config, self.weights, self.cache, self.dtype)
         self.tokenizer = tokenizer or Tokenizer(self.file.path)
@@ -98,26 +105,41 @@ class Engine(ContinuousBatcher):
         self.pm.hook.capture(engine=self)
 
     def _place_on_sim(self) -> None:
-        """Charge the virtual GPU for what would live on it: resident weights and the KV cache."""
-        dev = self.sim.device(0)
-        w = self.weights
-        resident = sum(lw.nbytes for lw, p in zip(w.layers, self.plan.layers) if p.resident)
-        head = w.output.nbytes if w.output is not w.token_embd else 0
-        dev.allocate(resident + w.token_embd.nbytes + head, "weights")
-        dev.allocate(self.cache.nbytes, "kv cache")
+        """Charge each virtual GPU for what would live on it: resident weights and KV cache of
+        its layers; the embedding on the first layer's GPU, the head on the last's."""
+        w, devices = self.weights, self._sim_layer_device
+        first, last = self.sim.device(devices[0]), self.sim.device(devices[-1])
+        for index in sorted(set(devices)):
+            mine = [i for i, d in enumerate(devices) if d == index]
+            resident = sum(w.layers[i].nbytes for i in mine if self.plan.layers[i].resident)
+            cache = sum(self.cache.k[i].numel() * self.cache.k[i].element_size() * 2 for i in mine)
+            self.sim.device(index).allocate(resident, "weights")
+            self.sim.device(index).allocate(cache, "kv cache")
+        first.allocate(w.token_embd.nbytes, "embedding")
+        if w.output is not w.token_embd or last is not first:
+            last.allocate(w.output.nbytes, "output head")
 
     def running(self):
-        """Context of every forward pass: on the sim backend, the operations are charged to it;
-        on CUDA they run on the engine's compute stream."""
+        """Context of every forward pass: on the sim backend, the operations are charged to it
+        (starting on the first layer's virtual GPU); on CUDA they run on the engine's compute
+        streams."""
         if self.costing is not None:
+            self.costing.device = self._sim_layer_device[0]
             return self.costing
-        if self.compute_stream is not None:
-            return self._on_compute_stream()
+        if self.compute_streams:
+            return self._on_compute_streams()
         return contextlib.nullcontext()
 
     @contextlib.contextmanager
-    def _on_compute_stream(self):
-        stream = self.compute_stream
+    def _on_compute_streams(self):
+        with contextlib.ExitStack() as stack:
+            for stream in self.compute_streams.values():
+                stack.enter_context(self._on_stream(stream))
+            yield
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _on_stream(stream):
         caller = torch.cuda.current_stream(stream.device)
         if caller == stream:  # already on it (a capture inside a step)
             yield
@@ -126,6 +148,9 @@ class Engine(ContinuousBatcher):
         with torch.cuda.stream(stream):
             yield
         caller.wait_stream(stream)
+
+    def compute_stream_of(self, device) -> torch.cuda.Stream:
+        return self.compute_streams[str(torch.device(device))]
 
     def step_timer(self):
         if self.sim is None:
@@ -138,8 +163,53 @@ class Engine(ContinuousBatcher):
 
     # --- one step -------------------------------------------------------------------------
 
-    def _before_layer(self, layer: int):
-        return self.pm.hook.prefetch(engine=self, layer=layer)
+    def _before_layer(self, layer: int, hidden: torch.Tensor):
+        if self.costing is not None:
+            self._sim_enter_layer(layer, hidden)
+        for answer in self.pm.hook.prefetch(engine=self, layer=layer):
+            if answer is not None:
+                return answer
+        return self._host_layer_on_device(layer)
+
+    def _sim_enter_layer(self, layer: int, hidden: torch.Tensor) -> None:
+        """On the sim: charge the layer to its virtual GPU; crossing to another GPU, that GPU
+        waits for the work queued so far on the previous one and receives the hidden state (a
+        peer copy), as a copy between CUDA devices orders their current streams."""
+        self._sim_switch(self._sim_layer_device[layer], hidden.numel())
+
+    def enter_stage(self, stage: int) -> None:
+        """Before a stage's decode step (or its capture). On the sim: its virtual GPU becomes
+        the one charged, and a stage after the first receives its micro-batch's hidden state
+        from the stage before. On CUDA the streams and copies order themselves."""
+        if self.costing is None:
+            return
+        first = self.plan.stages[stage][0]
+        if stage == 0:
+            self.costing.device = self._sim_layer_device[first]
+            return
+        prev = self.plan.stages[stage - 1][-1]
+        self.costing.device = self._sim_layer_device[prev]
+        rows = self.max_batch  # the hidden state's size only sets the copy's (tiny) cost
+        self._sim_switch(self._sim_layer_device[first], rows * self.config.n_embd)
+
+    def _sim_switch(self, index: int, hidden_numel: int) -> None:
+        c = self.costing
+        if index == c.device:
+            return
+        done = self.sim.event()
+        c.record(c.stream, done)
+        c.device = index
+        c.wait(c.stream, done)
+        c.copy(c.stream, "hidden state", hidden_numel * c.float_bytes, "peer")
+
+    def _host_layer_on_device(self, layer: int):
+        """A layer left in host memory that no plugin streamed: copied to its device now,
+        blocking (correct, and as slow as it sounds); None where it can be used as it is."""
+        w = self.weights.layers[layer]
+        device = self.plan.layers[layer].device
+        if w.host is None or torch.device(device).type == "cpu":
+            return None
+        return w.host.view(w.host.buffer.to(device))
 
     def stage_layers(self, stage: int) -> range:
         layers = self.plan.stages[stage]
@@ -159,6 +229,7 @@ class Engine(ContinuousBatcher):
         with self.running():
             for tick in schedule.ticks:
                 for stage, m in tick:
+                    self.enter_stage(stage)
                     outputs[m] = self.pm.hook.decode(engine=self, stage=stage,
                                                      batch=schedule.micro_batches[m], hidden=outputs.get(m))
             return torch.cat([outputs[m].to(self.device) for m in range(len(schedule.micro_batches))])

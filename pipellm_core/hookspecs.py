@@ -38,18 +38,18 @@ def capture(engine) -> None:
     """
 
 
-@hookspec(firstresult=True)
+@hookspec
 def prefetch(engine, layer: int):
     """Bring what layer `layer` needs to where it will compute, ahead of its compute.
 
-    Called before each layer of every forward pass (prefill, decode, graph captures), in layer
-    order, plugin after plugin until one answers.
+    Called for every plugin before each layer of every forward pass (prefill, decode, graph
+    captures), in layer order.
 
     :param engine: the running `Engine`.
     :param layer: index of the layer about to run.
     :return: a `LayerWeights` to use for this layer instead of the resident one (a streamed
-        copy), or None. The first non-None answer is used. The core's answer, last: a layer
-        left in host memory (`LayerWeights.host`) is copied to its device, blocking.
+        copy), or None. The first non-None answer is used. When none answers, a layer left in
+        host memory (`LayerWeights.host`) is copied to its device by the engine, blocking.
     """
 
 

@@ -123,13 +123,13 @@ class Transformer:
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                 ctx_len: int, layers: range | None = None, hidden: torch.Tensor | None = None,
-                before_layer: Callable[[int], LayerWeights | None] | None = None,
+                before_layer: Callable[[int, torch.Tensor], LayerWeights | None] | None = None,
                 logits_index: torch.Tensor | None = None) -> torch.Tensor:
         """Run `layers` (all by default) on tokens [B, T] at positions [B, T] in cache `slots` [B].
 
         Starts from the embedding unless `hidden` is given; ends with the head (logits
         [B, T, vocab]) when the last layer is included, else returns the hidden state.
-        `before_layer(i)` runs ahead of each layer (the prefetch hook) and may return the
+        `before_layer(i, h)` runs ahead of each layer (the prefetch hook) and may return the
         weights to use for it (a streamed copy). With `logits_index` [B], the head runs only on
         that position of each row (logits [B, 1, vocab]).
         """
@@ -144,7 +144,7 @@ class Transformer:
                 mask = None
             if mask is None:
                 mask = self.attention_mask(positions, ctx_len)
-            w = before_layer(i) if before_layer else None
+            w = before_layer(i, h) if before_layer else None
             h = self.layer(i, h, positions, slots, mask, ctx_len, w)
         if layers and layers[-1] == n - 1:
             if logits_index is not None:

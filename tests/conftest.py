@@ -68,3 +68,19 @@ def foreign_arch_gguf(tmp_path, smollm2_path):
         w.close()
         return str(path)
     return write
+
+
+@pytest.fixture(scope="session")
+def vocab_path() -> str:
+    """A GGUF carrying SmolLM2's tokenizer, for tests that write random-weight models with it:
+    PIPELLM_TEST_VOCAB (a vocabulary-only GGUF, on machines without the default model) or the
+    default model itself."""
+    return os.environ.get("PIPELLM_TEST_VOCAB") or default_model_path()
+
+
+class IdTokenizer:
+    """For engines fed token ids and compared by token ids (no llama.cpp needed): nothing ends
+    a generation but its length."""
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return False

@@ -136,7 +136,7 @@ def test_plugins_json_lists_installed_plugins(tmp_path):
     assert plugins["counter"]["hooks"] == ["prefetch"]
     assert plugins["counter"]["distribution"] == "pipellm-counter"
     assert plugins["counter"]["version"] == "1.2.3"
-    assert set(plugins["core"]["hooks"]) == {"load", "prefetch", "schedule", "decode"}
+    assert set(plugins["core"]["hooks"]) == {"load", "schedule", "decode"}
 
 
 def test_entry_point_plugin_runs_only_when_selected(tmp_path, tiny_models):

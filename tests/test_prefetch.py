@@ -148,7 +148,7 @@ def test_on_the_cpu_it_says_so_and_streams_nothing(model):
 
 def test_core_runs_layers_left_in_host_memory(model):
     """A plan that leaves layers in host memory with no plugin streaming them still runs
-    (the core's own prefetch answer), with the resident tokens."""
+    (the engine copies them itself), with the resident tokens."""
     from pipellm_core import hookimpl
 
     class HostPlan:
@@ -161,3 +161,14 @@ def test_core_runs_layers_left_in_host_memory(model):
     hosted, engine = generate(model, pad_steps=True, extra_plugins=(HostPlan(),))
     assert hosted == resident
     assert engine.weights.layers[0].host is not None and engine.weights.layers[1].host is None
+
+
+def test_cli_budget_too_small_is_one_line_error(capsys):
+    from pipellm_core.cli import main
+    code = main(["run", "--backend", "sim", "--plugins", "prefetch", "--vram-budget", "1MiB",
+                 "-p", "Hi", "-n", "2", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1
+    assert err.startswith("pipellm: error: prefetch: a VRAM budget of 1.0 MiB is too small")
+    code = main(["run", "--backend", "sim", "--plugins", "prefetch", "--vram-budget", "lots", "-p", "Hi"])
+    assert code == 1 and "cannot read 'lots' as a size" in capsys.readouterr().err

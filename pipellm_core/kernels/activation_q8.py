@@ -45,8 +45,9 @@ if triton is not None:
         offs = blk[:, None].to(tl.int64) * 32 + j[None, :]
         ok = (blk < n_blocks)[:, None]
         x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        d = tl.max(tl.abs(x), axis=1) / 127.0
-        inv = tl.where(d > 0, 1.0 / d, 0.0)
+        # correctly rounded divisions, as torch's (Triton's `/` may be approximate on the GPU)
+        d = tl.math.div_rn(tl.max(tl.abs(x), axis=1), 127.0)
+        inv = tl.where(d > 0, tl.math.div_rn(1.0, tl.where(d > 0, d, 1.0)), 0.0)
         q = _round_half_even(x * inv[:, None])
         d16 = d.to(tl.float16).to(tl.float32)
         tl.store(out_ptr + offs, (q * d16[:, None]).to(out_ptr.dtype.element_ty), mask=ok)
@@ -58,5 +59,6 @@ def round_q8_blocks(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(xc)
     n_blocks = xc.numel() // 32
     grid = (triton.cdiv(n_blocks, BLOCKS_PER_PROGRAM),)
-    _q8_round_kernel[grid](xc, out, n_blocks, G=BLOCKS_PER_PROGRAM, num_warps=1)
+    # no fused multiply-adds: x * (1 / d) is rounded before the rounding to an integer, as in torch
+    _q8_round_kernel[grid](xc, out, n_blocks, G=BLOCKS_PER_PROGRAM, num_warps=1, enable_fp_fusion=False)
     return out

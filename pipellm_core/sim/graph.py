@@ -68,7 +68,7 @@ class SimGraph:
 
     def replay(self):
         """The step's output, charged as one graph launch: the host pays once, then the nodes
-        run on their streams, kernels between two other operations as one stretch."""
+        run on their streams, each run of kernels on one stream between other operations as one stretch."""
         costing = self.costing
         profile = costing.runtime.device(costing.device).profile
         with costing.uncharged():
@@ -79,11 +79,13 @@ class SimGraph:
         def flush():
             if stretch:
                 seconds = sum(n.seconds for n in stretch) + len(stretch) * profile.graph_node_s
-                costing.stream.launch(f"graph ({len(stretch)} nodes)", seconds, host_cost=0.0)
+                stretch[0].stream.launch(f"graph ({len(stretch)} nodes)", seconds, host_cost=0.0)
                 stretch.clear()
 
         for node in self.nodes:
             if node.run is None:
+                if stretch and node.stream is not stretch[0].stream:
+                    flush()
                 stretch.append(node)
             else:
                 flush()

@@ -50,6 +50,7 @@ class GraphNode:
     name: str
     seconds: float
     run: Callable[[], object] | None = None
+    stream: object = None  # the stream a kernel was issued to
 
 
 class SimOpCosting(TorchDispatchMode):
@@ -123,7 +124,7 @@ class SimOpCosting(TorchDispatchMode):
         seconds = profile.kernel_seconds(self._traffic(func, inputs, outputs), self._flops(func, args, kwargs, out))
         name = func.__name__ if hasattr(func, "__name__") else str(func)
         if self.recording is not None:
-            self.recording.append(GraphNode(name, seconds))
+            self.recording.append(GraphNode(name, seconds, stream=self.stream))
         else:
             self.stream.launch(name, seconds)
         if self.track_memory:

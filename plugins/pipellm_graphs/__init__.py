@@ -15,19 +15,15 @@ the sim there is nothing to capture, and the plugin says so and leaves the steps
 from __future__ import annotations
 
 import warnings
-import weakref
 
 from pipellm_core import hookimpl
 from pipellm_core.errors import PluginError
 
 from .runner import GraphRunner
 
-_runners: "weakref.WeakKeyDictionary[object, GraphRunner]" = weakref.WeakKeyDictionary()
-
-
 def runner_of(engine) -> GraphRunner | None:
     """The engine's graphs (None when the plugin is not running on it)."""
-    return _runners.get(engine)
+    return engine.plugin_state.get("graphs")
 
 
 @hookimpl
@@ -41,12 +37,12 @@ def capture(engine):
                       "decode steps stay eager", stacklevel=2)
         return
     runner = GraphRunner(engine, engine.shapes)
-    _runners[engine] = runner
+    engine.plugin_state["graphs"] = runner
     if mode == "all":
         runner.capture_all()
 
 
 @hookimpl
 def decode(engine, stage, batch, hidden):
-    runner = _runners.get(engine)
+    runner = runner_of(engine)
     return runner.run(stage, batch, hidden) if runner is not None else None

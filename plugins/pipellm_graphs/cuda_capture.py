@@ -39,5 +39,6 @@ class CudaStepGraph:
         return self.output
 
     def replay(self) -> torch.Tensor:
-        self.graph.replay()
+        with torch.cuda.device(self.stream.device):  # launched on that GPU's current (compute) stream
+            self.graph.replay()
         return self.output

@@ -51,12 +51,13 @@ class StepShape:
 
 
 def capture_graph(engine, shape: StepShape, pool):
-    """A graph of `shape`'s step, recorded (its first output computed): CUDA or simulated."""
+    """A graph of `shape`'s step, recorded (its first output computed): CUDA or simulated.
+    A CUDA graph is captured on the compute stream of the stage's GPU."""
     if engine.sim is not None:
         from pipellm_core.sim.graph import SimGraph
         return SimGraph(engine.costing, shape.eager, pool)
     from .cuda_capture import CudaStepGraph
-    return CudaStepGraph(shape.eager, pool, engine.compute_stream)
+    return CudaStepGraph(shape.eager, pool, engine.compute_stream_of(engine.stage_device(shape.stage)))
 
 
 def outputs_match(graph_out: torch.Tensor, eager_out: torch.Tensor) -> tuple[bool, float]:
@@ -71,19 +72,28 @@ class GraphRunner:
         self.engine, self.policy = engine, policy
         self.graphs: dict[tuple[int, int, int], object] = {}  # (stage, B, C) -> graph, or None: disabled
         self.shapes: dict[tuple[int, int, int], StepShape] = {}
-        if engine.sim is not None:
-            from pipellm_core.sim.graph import SimGraphPool
-            self.pool = SimGraphPool(engine.sim.device(0))
-        else:
-            self.pool = torch.cuda.graph_pool_handle()
+        self.pools: dict[int, object] = {}  # per GPU: the graphs of one GPU share a memory pool
         self.replays = 0
         self.eager_fallbacks = 0
 
+    def _pool(self, stage: int):
+        """The memory pool of the stage's GPU."""
+        if self.engine.sim is not None:
+            from pipellm_core.sim.graph import SimGraphPool
+            index = self.engine.costing.device
+            if index not in self.pools:
+                self.pools[index] = SimGraphPool(self.engine.sim.device(index))
+            return self.pools[index]
+        index = torch.device(self.engine.stage_device(stage)).index
+        if index not in self.pools:
+            self.pools[index] = torch.cuda.graph_pool_handle()
+        return self.pools[index]
+
     @property
     def memory_bytes(self) -> int:
-        """Device memory the graphs hold (their shared pool)."""
+        """Device memory the graphs hold (their pools)."""
         if self.engine.sim is not None:
-            return self.pool.nbytes
+            return sum(p.nbytes for p in self.pools.values())
         return sum(g.memory_bytes for g in self.graphs.values() if g is not None)
 
     def run(self, stage: int, batch: StepBatch, hidden):
@@ -115,7 +125,7 @@ class GraphRunner:
         """Record the graph of `key`, check it against eager on the same inputs, keep it or not."""
         stage, b, c = key
         start = time.perf_counter()
-        graph = capture_graph(self.engine, shape, self.pool)
+        graph = capture_graph(self.engine, shape, self._pool(stage))
         try:
             out = graph.record()
         except RuntimeError as e:
@@ -149,6 +159,7 @@ class GraphRunner:
             shape.fill(StepBatch(shape.tokens[:0], shape.positions[:0], shape.slots[:0], c),
                        None if shape.hidden is None else shape.hidden[:0])
             with self.engine.running():
+                self.engine.enter_stage(stage)
                 self._capture(key, shape)
             bar.update(1)
         bar.close()

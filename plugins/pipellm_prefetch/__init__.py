@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import sys
 import warnings
-import weakref
 
 import torch
 
@@ -32,18 +31,14 @@ from .budget import DEFAULT_WORKSPACE, StreamPlan, parse_size, plan_streaming
 from .streamer import LayerStreamer
 from .weights_size import fixed_gpu_bytes, layer_bytes
 
-_plans: "weakref.WeakKeyDictionary[object, StreamPlan]" = weakref.WeakKeyDictionary()
-_streamers: "weakref.WeakKeyDictionary[object, LayerStreamer]" = weakref.WeakKeyDictionary()
-
-
 def plan_of(engine) -> StreamPlan | None:
     """The engine's streaming plan (None when the plugin is not running on it)."""
-    return _plans.get(engine)
+    return engine.plugin_state.get("prefetch.plan")
 
 
 def streamer_of(engine) -> LayerStreamer | None:
     """The engine's streamer (None when no layer streams)."""
-    return _streamers.get(engine)
+    return engine.plugin_state.get("prefetch.streamer")
 
 
 def _free_gpu_bytes(engine) -> int:
@@ -81,16 +76,19 @@ def load(plan, config, engine):
                         resident_layers=resident, slots=slots)
     for i in sp.streamed:
         plan.layers[i].resident = False
-    _plans[engine] = sp
+    engine.plugin_state["prefetch.plan"] = sp
     if engine.progress:
         print(sp.describe(), file=sys.stderr)
 
 
 @hookimpl(tryfirst=True)  # before any capture of graphs, whose steps stream too
 def capture(engine):
-    sp = _plans.get(engine)
+    sp = plan_of(engine)
     if sp is None or not sp.streamed:
         return
+    if len(engine.plan.stages) > 1:
+        raise PluginError("prefetch: streaming layers into a pipeline of several stages is not "
+                          "supported yet; use prefetch or pipeline")
     if engine.sim is not None:
         from .copy_streams import SimCopyStreams
         streams, slot_device = SimCopyStreams(engine), "cpu"
@@ -100,10 +98,10 @@ def capture(engine):
     streamer = LayerStreamer(engine, sp.streamed, sp.slots, streams, slot_device)
     if engine.sim is not None:
         engine.sim.device(0).allocate(len(streamer.slots) * streamer.slot_bytes, "prefetch slots")
-    _streamers[engine] = streamer
+    engine.plugin_state["prefetch.streamer"] = streamer
 
 
 @hookimpl
 def prefetch(engine, layer):
-    streamer = _streamers.get(engine)
+    streamer = streamer_of(engine)
     return streamer.before_layer(layer) if streamer is not None else None

@@ -13,6 +13,10 @@ _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb
           "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
+def human(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / MiB:.1f} MiB"
+
+
 def parse_size(text) -> int:
     """Bytes from '6GiB', '6.5GB', '800MiB' or a plain number of bytes."""
     if isinstance(text, (int, float)):
@@ -50,8 +54,8 @@ class StreamPlan:
             return f"prefetch: all {n} layers fit on the GPU; nothing streams"
         host = sum(self.layer_bytes[i] for i in self.streamed)
         return (f"prefetch: {n - len(self.streamed)} of {n} layers resident, {len(self.streamed)} stream "
-                f"from pinned host memory ({host / 1e9:.2f} GB) through {self.slots} slots of "
-                f"{self.slot_bytes / 1e6:.1f} MB; {self.gpu_bytes / 1e9:.2f} GB on the GPU")
+                f"from pinned host memory ({human(host)}) through {self.slots} slots of "
+                f"{human(self.slot_bytes)}; {human(self.gpu_bytes)} on the GPU")
 
 
 def spread(n_layers: int, n_streamed: int) -> list[int]:
@@ -80,7 +84,7 @@ def plan_streaming(layer_bytes: list[int], fixed_bytes: int, *, budget: int | No
         if plan.gpu_bytes <= budget:
             return plan
     need = fixed_bytes + slots * largest
-    raise PluginError(f"prefetch: a VRAM budget of {budget / 1e9:.2f} GB is too small for this model: "
-                      f"embedding, head, KV cache and workspace take {fixed_bytes / 1e9:.2f} GB and "
-                      f"{slots} staging slots {slots * largest / 1e9:.2f} GB, {need / 1e9:.2f} GB in all "
+    raise PluginError(f"prefetch: a VRAM budget of {human(budget)} is too small for this model: "
+                      f"embedding, head, KV cache and workspace take {human(fixed_bytes)} and "
+                      f"{slots} staging slots {human(slots * largest)}, {human(need)} in all "
                       f"before any layer (a smaller -c or batch shrinks the KV cache)")

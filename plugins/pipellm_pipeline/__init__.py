@@ -1,0 +1,89 @@
+"""pipeline: the layers split over several GPUs, kept busy with micro-batches.
+
+At load time the layers are split into contiguous stages of about equal bytes, stage s on GPU s
+(its weights and its KV cache there); the embedding goes with the first stage, the output head
+with the last. Each decode step splits its batch into micro-batches that flow through the stages
+in a fill-and-drain pipeline (`split.pipeline_schedule`), so while GPU 1 runs micro-batch 0,
+GPU 0 already runs micro-batch 1. Prefill runs the stages one after another.
+
+Options (`-O pipeline.KEY=VALUE`):
+  pipeline.stages        number of stages (default: every visible GPU; on the sim, every
+                         virtual GPU: `--sim-devices`)
+  pipeline.micro_batches micro-batches per decode step (default: as many as stages when the
+                         batch has at least 8 rows per stage, else 1)
+With `graphs`, each stage's step is captured on its own GPU, one graph per (stage, shape).
+With `prefetch`, streaming needs every streamed layer on one GPU: that combination is refused.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import torch
+
+from pipellm_core import hookimpl
+from pipellm_core.errors import PluginError
+
+from .split import pipeline_schedule, split_layers
+
+ROWS_PER_STAGE_FOR_MICRO_BATCHES = 8
+
+
+def _int_option(opts, key):
+    value = opts.get(key)
+    if value is None or value == "auto":
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise PluginError(f"{key} takes a whole number, got {value!r}") from None
+
+
+def _devices(engine) -> int:
+    if engine.sim is not None:
+        return len(engine.sim.devices)
+    if str(engine.device).startswith("cuda"):
+        return torch.cuda.device_count()
+    return 0
+
+
+@hookimpl
+def load(plan, config, engine):
+    available = _devices(engine)
+    if available == 0:
+        warnings.warn("pipeline: stages need GPUs (--device cuda, or the sim backend with "
+                      "--sim-devices); the model runs in one piece", stacklevel=2)
+        return
+    stages = _int_option(engine.plugin_options, "pipeline.stages") or available
+    if stages < 1 or stages > available:
+        raise PluginError(f"pipeline: {stages} stages asked for, but {available} GPU(s) are there")
+    if stages > config.n_layers:
+        raise PluginError(f"pipeline: {stages} stages for a model of {config.n_layers} layers")
+    tensors = engine.file.tensors
+    layer_bytes = [sum(t.nbytes for n, t in tensors.items() if n.startswith(f"blk.{i}."))
+                   for i in range(config.n_layers)]
+    of_layer = split_layers(layer_bytes, stages)
+    base = torch.device(engine.device).index or 0 if engine.sim is None else 0
+    for i, p in enumerate(plan.layers):
+        p.stage = of_layer[i]
+        if engine.sim is None:  # on the sim, stage s is charged to virtual GPU s by the engine
+            p.device = f"cuda:{base + of_layer[i]}"
+    if engine.sim is None:
+        plan.embedding_device, plan.head_device = plan.layers[0].device, plan.layers[-1].device
+    engine.plugin_state["pipeline.stages"] = stages
+    if engine.progress:
+        spans = [[i for i, s in enumerate(of_layer) if s == k] for k in range(stages)]
+        print("pipeline: " + ", ".join(f"stage {k}: layers {a[0]}-{a[-1]}" for k, a in enumerate(spans)),
+              file=sys.stderr)
+
+
+@hookimpl
+def schedule(engine, batch):
+    stages = engine.plugin_state.get("pipeline.stages")
+    if stages is None or stages == 1:
+        return None
+    micro = _int_option(engine.plugin_options, "pipeline.micro_batches")
+    if micro is None:
+        micro = stages if len(batch) >= ROWS_PER_STAGE_FOR_MICRO_BATCHES * stages else 1
+    return pipeline_schedule(batch, stages, micro)

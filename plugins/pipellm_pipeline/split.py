@@ -1,0 +1,43 @@
+"""How the layers split into pipeline stages, and how a step's batch splits into micro-batches."""
+
+from __future__ import annotations
+
+from pipellm_core.step import Schedule, StepBatch
+
+
+def split_layers(layer_bytes: list[int], n_stages: int) -> list[int]:
+    """The stage of each layer: contiguous runs of layers, each run's bytes as close to an equal
+    share as whole layers allow (the first and last stages also hold the embedding and head,
+    which the caller may add to `layer_bytes` of those ends)."""
+    n = len(layer_bytes)
+    n_stages = max(1, min(n_stages, n))
+    total = sum(layer_bytes)
+    stages, acc, stage = [], 0, 0
+    for i, b in enumerate(layer_bytes):
+        # move on to the next stage once this one has its share, leaving a layer for every later stage
+        if stage < n_stages - 1 and acc + b / 2 > total * (stage + 1) / n_stages and i > 0 and stages[-1] == stage:
+            stage += 1
+        if n - i == n_stages - stage:  # as many layers left as stages: one each
+            stage = max(stage, n_stages - (n - i))
+        stages.append(stage)
+        acc += b
+    return stages
+
+
+def micro_batch_rows(batch: int, n_micro: int) -> list[tuple[int, int]]:
+    """(start, end) rows of each micro-batch: equal sizes, the last one shorter if they do not divide."""
+    n_micro = max(1, min(n_micro, batch))
+    size = -(-batch // n_micro)
+    return [(s, min(s + size, batch)) for s in range(0, batch, size)]
+
+
+def pipeline_schedule(batch: StepBatch, n_stages: int, n_micro: int) -> Schedule:
+    """Micro-batches through the stages in a fill-and-drain pipeline: at tick t, stage s works on
+    micro-batch t - s. Within a tick later stages come first, so that the copy of a micro-batch's
+    hidden state to the next GPU does not wait for work queued after it on the GPU before."""
+    rows = micro_batch_rows(len(batch), n_micro)
+    micro = [batch.select(slice(a, b)) for a, b in rows]
+    ticks = []
+    for t in range(len(micro) + n_stages - 1):
+        ticks.append([(s, t - s) for s in reversed(range(n_stages)) if 0 <= t - s < len(micro)])
+    return Schedule(micro, ticks)
