@@ -66,6 +66,8 @@ def linear(x: torch.Tensor, w: QuantizedMatrix, bias: torch.Tensor | None = None
     x = round_like_llamacpp(x, w.qtype, x.device.type)
     if quant_matmul.supports(x, w.qtype):
         y = quant_matmul.block_matmul(x, w.raw, w.qtype, w.rows, w.cols)
+    elif quant_matmul.supports_dense(x):
+        y = quant_matmul.dense_matmul(x, w.dequantize(x.dtype))
     else:
         y = x @ w.dequantize(x.dtype).t()
     return y + bias.to(y.dtype) if bias is not None else y

@@ -32,6 +32,16 @@ for qtype in (T.Q4_0, T.Q4_1, T.Q8_0, T.Q6_K):
         err = ((got - want).norm() / want.norm()).item()
         assert got.shape == (m, n) and err < 2e-3, (qtype.name, m, n, k, err)
         print(qtype.name, m, n, k, f"{{err:.2e}}")
+for m, n, k in ((1, 48, 64), (3, 40, 200), (17, 33, 320), (64, 70, 256)):
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).half().to(dev)
+    w = (torch.randn(n, k, generator=torch.Generator().manual_seed(n)) * 0.05).half().to(dev)
+    assert quant_matmul.supports_dense(x)
+    got = quant_matmul.dense_matmul(x, w).float()
+    want = x.float() @ w.float().t()
+    err = ((got - want).norm() / want.norm()).item()
+    assert got.shape == (m, n) and err < 2e-3, ("dense", m, n, k, err)
+    print("dense", m, n, k, f"{{err:.2e}}")
+assert not quant_matmul.supports_dense(torch.zeros(65, 64, dtype=torch.float16, device=dev))
 print("ok")
 """
 

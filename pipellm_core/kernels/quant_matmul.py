@@ -5,6 +5,10 @@ eight times the bytes the blocks take. These kernels read the blocks (Q4_0, Q4_1
 types of llama.cpp's common files) and expand them in registers, tile by tile, so a decode step
 reads each weight once, as llama.cpp's kernels do.
 
+`dense_matmul` multiplies by plain fp16 weights (F16 files, and dequantized types without a block
+kernel) for the few rows of a decode step, in place of cuBLAS, whose algorithm choice differs
+between a CUDA-graph capture and an eager run.
+
 Numerics equal the torch path's: each weight is decoded in float32 (exact for these formats) and
 rounded once to fp16, products accumulate in float32, the output is fp16. Only the order of the
 float32 sums differs.
@@ -40,6 +44,18 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpre
 def supports(x: torch.Tensor, qtype) -> bool:
     """Whether `x @ W.T` for blocks of `qtype` runs in a kernel here."""
     return ENABLED and qtype in SUPPORTED and x.dtype == torch.float16 and (x.is_cuda or INTERPRETED)
+
+
+# Up to this many rows (a decode step's batch), products with fp16 weights (F16 files, and the
+# types without a block kernel, dequantized) run in `dense_matmul` rather than cuBLAS: cuBLAS
+# picks other algorithms while a CUDA graph is captured than when it runs eagerly, so a graph's
+# logits would differ from the eager step's in the last bits (and near-ties would flip).
+DENSE_MAX_ROWS = 64
+
+
+def supports_dense(x: torch.Tensor) -> bool:
+    rows = x.numel() // x.shape[-1]
+    return ENABLED and x.dtype == torch.float16 and (x.is_cuda or INTERPRETED) and rows <= DENSE_MAX_ROWS
 
 
 if triton is not None:
@@ -150,6 +166,47 @@ if triton is not None:
             acc += tl.dot(xv, tl.trans(w))
         out = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
         tl.store(out, acc.to(tl.float16), mask=m_ok[:, None] & n_ok[None, :])
+
+
+if triton is not None:
+    @triton.jit
+    def _dense_matmul_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        m_ok = rm < M
+        n_ok = rn < N
+        x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
+        w_rows = w_ptr + rn[:, None].to(tl.int64) * stride_wn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = (k0 + rk) < K
+            xv = tl.load(x_rows + (k0 + rk)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            wv = tl.load(w_rows + (k0 + rk)[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            acc += tl.dot(xv, tl.trans(wv))
+        out = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
+        tl.store(out, acc.to(tl.float16), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def dense_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [..., k] (fp16, at most DENSE_MAX_ROWS rows) times the transpose of w [n, k] (fp16):
+    [..., n] in fp16, float32 sums."""
+    shape, (n, k) = x.shape, w.shape
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if w.stride(-1) != 1:
+        w = w.contiguous()
+    m = x2.shape[0]
+    out = torch.empty(m, n, dtype=torch.float16, device=x.device)
+    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+    grid = (triton.cdiv(n, 32), triton.cdiv(m, block_m))
+    _dense_matmul_kernel[grid](x2, w, out, m, n, k, x2.stride(0), w.stride(0), out.stride(0),
+                               BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=128, num_warps=4)
+    return out.reshape(*shape[:-1], n)
 
 
 def block_matmul(x: torch.Tensor, raw: torch.Tensor, qtype, n: int, k: int) -> torch.Tensor:

@@ -1,10 +1,13 @@
-"""Decode speed of the pipeline plugin over the GPUs of this machine against one GPU, with and
-without graphs, on a random-weight model, without llama.cpp (token ids only).
+"""Decode speed of plugin sets on a random-weight model, without llama.cpp (token ids only):
+for machines where only pipellm's own runs are wanted (the `pipellm bench` harness needs
+llama.cpp for the tokenizer).
 
-    python benchmarks/pipeline_probe.py SHAPE:TYPE OUT.json [--batches 1,8,32,64]
+    python benchmarks/decode_probe.py SHAPE:TYPE OUT.json [--batches 1,8,32,64]
+                                      [--configs "none;graphs;pipeline@2;pipeline,graphs@2"]
 
-The model is written first with the tokenizer of PIPELLM_TEST_VOCAB. Rows: tok/s and ms/step
-per (plugins, micro-batches, batch), and whether the greedy tokens equal the one-GPU eager run's.
+A config is comma-separated plugins, with @N for the pipeline's micro-batches. The model is
+written first with the tokenizer of PIPELLM_TEST_VOCAB. Rows: tok/s and ms/step per (config,
+batch), and whether the greedy tokens equal the first config's.
 """
 
 import gc
@@ -33,8 +36,12 @@ shape, qtype = spec.split(":")
 path = f"/tmp/pipeline-{shape}-{qtype}.gguf"
 if not os.path.exists(path):
     write_random_gguf(path, shape, T[qtype], tokenizer_from=os.environ["PIPELLM_TEST_VOCAB"])
-CONFIGS = [([], None), (["graphs"], None), (["pipeline"], 1), (["pipeline"], 2),
-           (["pipeline", "graphs"], 1), (["pipeline", "graphs"], 2)]
+configs = sys.argv[sys.argv.index("--configs") + 1] if "--configs" in sys.argv else \
+    "none;graphs;pipeline@1;pipeline@2;pipeline,graphs@1;pipeline,graphs@2"
+CONFIGS = []
+for c in configs.split(";"):
+    names, _, micro = c.partition("@")
+    CONFIGS.append(([p for p in names.split(",") if p and p != "none"], int(micro) if micro else None))
 rows = []
 for batch in batches:
     reference = None
