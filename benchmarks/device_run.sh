@@ -26,14 +26,18 @@ mkdir -p "$work" "${OUT:-/tmp/out}"
 quiet() { grep -v "^llama_\|^load\|^print_info\|^graph_\|^sched_\|^init_\|^~llama" ; }
 step=$1; shift
 
+install_wheels() {  # the bundle's wheels, SmolLM2's vocabulary, pipellm's metadata
+  [ -d "$work/site/gguf" ] || python3 -m pip install -q --no-index --no-deps --no-compile \
+    --target "$work/site" "$1"/wheels/*.whl
+  [ -f "$work/smollm2-vocab.gguf" ] || cp "$1/smollm2-vocab.gguf" "$work/"
+  [ -d "$work/pkg" ] || python3 -m pip install -q --no-deps --no-build-isolation --no-index \
+    --target "$work/pkg" "$repo"
+}
+
 case $step in
 setup)
   bundle=$1
-  [ -d "$work/site/gguf" ] || python3 -m pip install -q --no-index --no-deps --no-compile \
-    --target "$work/site" "$bundle"/wheels/*.whl
-  [ -f "$work/smollm2-vocab.gguf" ] || cp "$bundle/smollm2-vocab.gguf" "$work/"
-  [ -d "$work/pkg" ] || python3 -m pip install -q --no-deps --no-build-isolation --no-index \
-    --target "$work/pkg" "$repo"
+  install_wheels "$bundle"
   if [ ! -d "$work/llama/llama_cpp" ] && ! pgrep -f "target $work/llama" >/dev/null; then
     mkdir -p "$work/src" && tar -xzf "$bundle"/llama-cpp-python-*.tar.gz -C "$work/src"
     cd "$work/src"/llama_cpp_python-*
@@ -48,12 +52,7 @@ setup)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   ;;
 lite)
-  bundle=$1
-  [ -d "$work/site/gguf" ] || python3 -m pip install -q --no-index --no-deps --no-compile \
-    --target "$work/site" "$bundle"/wheels/*.whl
-  [ -f "$work/smollm2-vocab.gguf" ] || cp "$bundle/smollm2-vocab.gguf" "$work/"
-  [ -d "$work/pkg" ] || python3 -m pip install -q --no-deps --no-build-isolation --no-index \
-    --target "$work/pkg" "$repo"
+  install_wheels "$1"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   ;;
 model)

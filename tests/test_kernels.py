@@ -46,11 +46,17 @@ print("ok")
 """
 
 
-def test_kernels_match_the_torch_path_in_the_interpreter():
+def run_in_interpreter(script: str) -> None:
+    """Run a check script on the CPU in Triton's interpreter (a subprocess: the interpreter is
+    chosen when the kernels are defined); it must end by printing ok."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-c", CHECK.format(device="cpu")], capture_output=True,
+    r = subprocess.run([sys.executable, "-c", script.format(device="cpu")], capture_output=True,
                        text=True, env=env, timeout=900)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+
+
+def test_kernels_match_the_torch_path_in_the_interpreter():
+    run_in_interpreter(CHECK)
 
 
 @pytest.mark.gpu
@@ -96,10 +102,7 @@ print("ok")
 
 
 def test_activation_rounding_kernel_equals_the_torch_rounding_in_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-c", ROUNDING.format(device="cpu")], capture_output=True,
-                       text=True, env=env, timeout=900)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+    run_in_interpreter(ROUNDING)
 
 
 @pytest.mark.gpu
