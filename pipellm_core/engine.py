@@ -133,7 +133,8 @@ class Engine(ContinuousBatcher):
     @contextlib.contextmanager
     def _on_compute_streams(self):
         with contextlib.ExitStack() as stack:
-            for stream in self.compute_streams.values():
+            # entering a stream makes its GPU current: the engine's own GPU last, so it stays current
+            for device, stream in sorted(self.compute_streams.items(), key=lambda kv: kv[0] == self.device):
                 stack.enter_context(self._on_stream(stream))
             yield
 

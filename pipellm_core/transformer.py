@@ -62,6 +62,31 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight).to(x.dtype)
 
 
+def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q [B, T, heads, d], keys/values [B, kv_heads, ctx, d], mask [B, 1, T, ctx] -> [B, T, heads, d].
+
+    On CUDA, the query heads that share a key/value head are laid out as extra query positions
+    of that head, so that the fused attention kernels serve grouped-query attention: the
+    fallback would be matrix products in cuBLAS, whose results differ between a CUDA-graph
+    capture and an eager run. Elsewhere, PyTorch's grouped-query attention as it is."""
+    kv, H = keys.shape[1], q.shape[2]
+    if q.is_cuda and kv != H:
+        return grouped_query_attention(q, keys, values, mask)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=kv != H)
+    return out.transpose(1, 2)
+
+
+def grouped_query_attention(q, keys, values, mask):
+    """`attention` with each key/value head's G query heads as G × T query positions."""
+    B, T, H, D = q.shape
+    kv = keys.shape[1]
+    G = H // kv
+    qg = q.reshape(B, T, kv, G, D).permute(0, 2, 3, 1, 4).reshape(B, kv, G * T, D)  # position g*T + t
+    mg = mask.expand(B, 1, T, mask.shape[-1]).repeat(1, 1, G, 1)
+    out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mg)
+    return out.reshape(B, kv, G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H, D)
+
+
 def linear(x: torch.Tensor, w: QuantizedMatrix, bias: torch.Tensor | None = None) -> torch.Tensor:
     x = round_like_llamacpp(x, w.qtype, x.device.type)
     if quant_matmul.supports(x, w.qtype):
@@ -112,10 +137,8 @@ class Transformer:
         kc[slots[:, None], :, positions] = k.to(kc.dtype)
         vc[slots[:, None], :, positions] = v.to(vc.dtype)
         keys, values = kc[slots, :, :ctx_len], vc[slots, :, :ctx_len]
-        attn = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
-            enable_gqa=c.n_heads != c.n_kv_heads)
-        h = h + linear(attn.transpose(1, 2).reshape(B, T, -1), w.wo).to(h.dtype)
+        attn = attention(q, keys.to(q.dtype), values.to(q.dtype), mask)
+        h = h + linear(attn.reshape(B, T, -1), w.wo).to(h.dtype)
         x = rms_norm(h, w.ffn_norm, c.rms_eps).to(self.dtype)
         return h + linear(F.silu(linear(x, w.w_gate)) * linear(x, w.w_up), w.w_down).to(h.dtype)
 

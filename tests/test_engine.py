@@ -80,3 +80,20 @@ def test_cpu_steps_keep_their_exact_shape(smollm2_path):
         r.slot, r.generated = s, [4]
     step = engine._step_batch(reqs)
     assert len(step) == 3 and step.ctx_len == 4
+
+
+def test_grouped_query_layout_equals_grouped_query_attention():
+    """The layout the CUDA path uses (query heads of a key/value head as extra positions) gives
+    PyTorch's grouped-query attention."""
+    import torch.nn.functional as F
+
+    from pipellm_core.transformer import grouped_query_attention
+    g = torch.Generator().manual_seed(0)
+    B, T, H, KV, D, C = 2, 3, 8, 2, 16, 10
+    q, k, v = torch.randn(B, T, H, D, generator=g), torch.randn(B, KV, C, D, generator=g), torch.randn(B, KV, C, D, generator=g)
+    ends = torch.tensor([[4, 5, 6], [7, 8, 9]])
+    mask = (torch.arange(C)[None, None, :] <= ends[:, :, None]).unsqueeze(1)
+    want = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=True).transpose(1, 2)
+    got = grouped_query_attention(q, k, v, mask)
+    assert got.shape == (B, T, H, D)
+    assert torch.allclose(got, want, atol=1e-5)

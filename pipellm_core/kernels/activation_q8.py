@@ -60,5 +60,6 @@ def round_q8_blocks(x: torch.Tensor) -> torch.Tensor:
     n_blocks = xc.numel() // 32
     grid = (triton.cdiv(n_blocks, BLOCKS_PER_PROGRAM),)
     # no fused multiply-adds: x * (1 / d) is rounded before the rounding to an integer, as in torch
-    _q8_round_kernel[grid](xc, out, n_blocks, G=BLOCKS_PER_PROGRAM, num_warps=1, enable_fp_fusion=False)
+    with quant_matmul.on_device_of(xc):
+        _q8_round_kernel[grid](xc, out, n_blocks, G=BLOCKS_PER_PROGRAM, num_warps=1, enable_fp_fusion=False)
     return out

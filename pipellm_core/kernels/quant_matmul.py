@@ -21,6 +21,7 @@ the CPU).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -39,6 +40,11 @@ SUPPORTED = set(LAYOUTS) | {T.Q6_K}
 # read once: `supports` runs before every matrix product
 ENABLED = triton is not None and os.environ.get("PIPELLM_KERNELS", "triton") != "torch"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
+
+
+def on_device_of(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensor's (several GPUs)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def supports(x: torch.Tensor, qtype) -> bool:
@@ -204,8 +210,9 @@ def dense_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     out = torch.empty(m, n, dtype=torch.float16, device=x.device)
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
     grid = (triton.cdiv(n, 32), triton.cdiv(m, block_m))
-    _dense_matmul_kernel[grid](x2, w, out, m, n, k, x2.stride(0), w.stride(0), out.stride(0),
-                               BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=128, num_warps=4)
+    with on_device_of(x):
+        _dense_matmul_kernel[grid](x2, w, out, m, n, k, x2.stride(0), w.stride(0), out.stride(0),
+                                   BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=128, num_warps=4)
     return out.reshape(*shape[:-1], n)
 
 
@@ -221,13 +228,14 @@ def block_matmul(x: torch.Tensor, raw: torch.Tensor, qtype, n: int, k: int) -> t
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
     block_n = 32 if m <= 32 else 64
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
-    if qtype == T.Q6_K:
-        _q6_k_matmul_kernel[grid](x2, raw, out, m, n, x2.stride(0), raw.stride(0), out.stride(0), k // 256,
-                                  BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
-        return out.reshape(*shape[:-1], n)
-    block_bytes, qs_offset, four_bit, has_min = LAYOUTS[qtype]
-    _block_matmul_kernel[grid](x2, raw, out, m, n, x2.stride(0), raw.stride(0), out.stride(0), k // 32,
-                               BLOCK_BYTES=block_bytes, QS_OFFSET=qs_offset, FOUR_BIT=four_bit,
-                               HAS_MIN=has_min, KB=BLOCKS_PER_STEP, BLOCK_M=block_m, BLOCK_N=block_n,
-                               num_warps=4)
+    with on_device_of(x):
+        if qtype == T.Q6_K:
+            _q6_k_matmul_kernel[grid](x2, raw, out, m, n, x2.stride(0), raw.stride(0), out.stride(0), k // 256,
+                                      BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+        else:
+            block_bytes, qs_offset, four_bit, has_min = LAYOUTS[qtype]
+            _block_matmul_kernel[grid](x2, raw, out, m, n, x2.stride(0), raw.stride(0), out.stride(0), k // 32,
+                                       BLOCK_BYTES=block_bytes, QS_OFFSET=qs_offset, FOUR_BIT=four_bit,
+                                       HAS_MIN=has_min, KB=BLOCKS_PER_STEP, BLOCK_M=block_m, BLOCK_N=block_n,
+                                       num_warps=4)
     return out.reshape(*shape[:-1], n)

@@ -135,6 +135,12 @@ class GraphRunner:
             return None
         captured = out.clone()
         expected = shape.eager()
+        if not bool(torch.isfinite(expected).all()):
+            warnings.warn(f"graphs: the eager step of stage {stage}, batch {b} x context {c} gives non-finite "
+                          f"values (the model overflows), so its graph cannot be checked; that shape runs eager",
+                          stacklevel=2)
+            self.graphs[key] = None
+            return expected
         ok, diff = outputs_match(captured, expected)
         if not ok:
             warnings.warn(f"graphs: the graph of stage {stage}, batch {b} x context {c} differs from "
