@@ -61,6 +61,8 @@ def test_pipeline_gives_the_one_device_tokens(model):
     held = [d.allocated_bytes for d in engine.sim.devices]
     assert all(h > 0 for h in held)  # weights and KV cache on both GPUs
     assert engine.sim.device(1).peak_bytes > 0
+    plain, engine = generate(model, sim="h100", sim_devices=2, plugins=["pipeline"])  # default: 1 micro-batch
+    assert plain == one
 
 
 def test_pipeline_composes_with_graphs(model):

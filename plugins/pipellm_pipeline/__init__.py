@@ -4,13 +4,14 @@ At load time the layers are split into contiguous stages of about equal bytes, s
 (its weights and its KV cache there); the embedding goes with the first stage, the output head
 with the last. Each decode step splits its batch into micro-batches that flow through the stages
 in a fill-and-drain pipeline (`split.pipeline_schedule`), so while GPU 1 runs micro-batch 0,
-GPU 0 already runs micro-batch 1. Prefill runs the stages one after another.
+GPU 0 already runs micro-batch 1 (with one micro-batch, the default, the GPUs take turns).
+Prefill runs the stages one after another.
 
 Options (`-O pipeline.KEY=VALUE`):
   pipeline.stages        number of stages (default: every visible GPU; on the sim, every
                          virtual GPU: `--sim-devices`)
-  pipeline.micro_batches micro-batches per decode step (default: as many as stages when the
-                         batch has at least 8 rows per stage, else 1)
+  pipeline.micro_batches micro-batches per decode step (default 1: a plain layer split; more
+                         measured slower for decode on 2 H200s, see docs/pipeline.md)
 With `graphs`, each stage's step is captured on its own GPU, one graph per (stage, shape).
 With `prefetch`, streaming needs every streamed layer on one GPU: that combination is refused.
 """
@@ -27,7 +28,6 @@ from pipellm_core.errors import PluginError
 
 from .split import pipeline_schedule, split_layers
 
-ROWS_PER_STAGE_FOR_MICRO_BATCHES = 8
 
 
 def _int_option(opts, key):
@@ -83,7 +83,5 @@ def schedule(engine, batch):
     stages = engine.plugin_state.get("pipeline.stages")
     if stages is None or stages == 1:
         return None
-    micro = _int_option(engine.plugin_options, "pipeline.micro_batches")
-    if micro is None:
-        micro = stages if len(batch) >= ROWS_PER_STAGE_FOR_MICRO_BATCHES * stages else 1
+    micro = _int_option(engine.plugin_options, "pipeline.micro_batches") or 1
     return pipeline_schedule(batch, stages, micro)
