@@ -163,15 +163,24 @@ def _read_prompts(path: str) -> list[str]:
 
 def cmd_run(args) -> int:
     from .llm import LLM
+    from .plugin_manager import parse_plugin_list
 
     if args.prompts is None and args.prompt is None:
         if sys.stdin.isatty():
             raise PipeLLMError("no prompt: pass -p/--prompt, --prompts FILE.jsonl, or pipe text in")
         args.prompt = sys.stdin.read()
     prompts = _read_prompts(args.prompts) if args.prompts else None
+    options = _engine_options(args)
+    enabled = set(parse_plugin_list(args.plugins))
+    for key in options.get("plugin_options", {}):
+        plugin = key.split(".", 1)[0]
+        if plugin not in enabled:
+            flag = {"prefetch.vram_budget": "--vram-budget", "graphs.capture": "--graphs-capture"}.get(key, key)
+            raise PipeLLMError(f"{flag} is a setting of the {plugin} plugin, which is not enabled "
+                               f"(add --plugins {plugin})")
     llm = LLM(args.model, plugins=args.plugins, backend=args.backend, device=args.device,
               n_ctx=args.ctx_size, max_batch=args.batch_size if prompts else 1,
-              progress=not args.no_progress, **_engine_options(args))
+              progress=not args.no_progress, **options)
     if args.trace and args.backend != "sim":
         raise PipeLLMError("--trace records the sim backend's timeline: add --backend sim")
     sampling = dict(max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k,

@@ -172,3 +172,14 @@ def test_cli_budget_too_small_is_one_line_error(capsys):
     assert err.startswith("pipellm: error: prefetch: a VRAM budget of 1.0 MiB is too small")
     code = main(["run", "--backend", "sim", "--plugins", "prefetch", "--vram-budget", "lots", "-p", "Hi"])
     assert code == 1 and "cannot read 'lots' as a size" in capsys.readouterr().err
+
+
+def test_settings_of_plugins_are_checked(capsys, model):
+    from pipellm_core.cli import main
+    assert main(["run", "--backend", "sim", "--vram-budget", "1GiB", "-p", "Hi", "-n", "1"]) == 1
+    assert "--vram-budget is a setting of the prefetch plugin, which is not enabled" in capsys.readouterr().err
+    with pytest.raises(PluginError, match="unknown option prefetch.vram_budgt"):
+        Engine(model, sim="h100", progress=False, plugins=["prefetch"],
+               plugin_options={"prefetch.vram_budgt": "1GiB"})
+    with pytest.raises(PluginError, match="prefetch.slots takes a whole number"):
+        Engine(model, sim="h100", progress=False, plugins=["prefetch"], plugin_options={"prefetch.slots": "two"})

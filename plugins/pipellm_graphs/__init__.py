@@ -18,6 +18,7 @@ import warnings
 
 from pipellm_core import hookimpl
 from pipellm_core.errors import PluginError
+from pipellm_core.plugin_options import PluginOptions
 
 from .runner import GraphRunner
 
@@ -28,8 +29,7 @@ def runner_of(engine) -> GraphRunner | None:
 
 @hookimpl
 def capture(engine):
-    opts = engine.plugin_options
-    mode = opts.get("graphs.capture", "lazy")
+    mode = PluginOptions(engine, "graphs", ("capture",)).get("capture", "lazy")
     if mode not in ("lazy", "all"):
         raise PluginError(f"graphs: capture mode must be 'lazy' or 'all', got {mode!r}")
     if engine.sim is None and not str(engine.device).startswith("cuda"):

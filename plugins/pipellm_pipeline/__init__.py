@@ -25,19 +25,13 @@ import torch
 
 from pipellm_core import hookimpl
 from pipellm_core.errors import PluginError
+from pipellm_core.plugin_options import PluginOptions
 
 from .split import pipeline_schedule, split_layers
 
 
 
-def _int_option(opts, key):
-    value = opts.get(key)
-    if value is None or value == "auto":
-        return None
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise PluginError(f"{key} takes a whole number, got {value!r}") from None
+OPTIONS = ("stages", "micro_batches")
 
 
 def _devices(engine) -> int:
@@ -55,7 +49,8 @@ def load(plan, config, engine):
         warnings.warn("pipeline: stages need GPUs (--device cuda, or the sim backend with "
                       "--sim-devices); the model runs in one piece", stacklevel=2)
         return
-    stages = _int_option(engine.plugin_options, "pipeline.stages") or available
+    opts = PluginOptions(engine, "pipeline", OPTIONS)
+    stages = opts.integer("stages", available)
     if stages < 1 or stages > available:
         raise PluginError(f"pipeline: {stages} stages asked for, but {available} GPU(s) are there")
     if stages > config.n_layers:
@@ -71,7 +66,7 @@ def load(plan, config, engine):
             p.device = f"cuda:{base + of_layer[i]}"
     if engine.sim is None:
         plan.embedding_device, plan.head_device = plan.layers[0].device, plan.layers[-1].device
-    engine.plugin_state["pipeline.stages"] = stages
+    engine.plugin_state["pipeline"] = (stages, opts.integer("micro_batches", 1))
     if engine.progress:
         spans = [[i for i, s in enumerate(of_layer) if s == k] for k in range(stages)]
         print("pipeline: " + ", ".join(f"stage {k}: layers {a[0]}-{a[-1]}" for k, a in enumerate(spans)),
@@ -80,8 +75,7 @@ def load(plan, config, engine):
 
 @hookimpl
 def schedule(engine, batch):
-    stages = engine.plugin_state.get("pipeline.stages")
-    if stages is None or stages == 1:
+    stages, micro = engine.plugin_state.get("pipeline", (1, 1))
+    if stages == 1:
         return None
-    micro = _int_option(engine.plugin_options, "pipeline.micro_batches") or 1
     return pipeline_schedule(batch, stages, micro)

@@ -26,6 +26,7 @@ import torch
 
 from pipellm_core import hookimpl
 from pipellm_core.errors import PluginError
+from pipellm_core.plugin_options import PluginOptions
 
 from .budget import DEFAULT_WORKSPACE, StreamPlan, parse_size, plan_streaming
 from .streamer import LayerStreamer
@@ -48,14 +49,7 @@ def _free_gpu_bytes(engine) -> int:
     return free
 
 
-def _int_option(opts, key):
-    value = opts.get(key)
-    if value is None:
-        return None
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise PluginError(f"{key} takes a whole number, got {value!r}") from None
+OPTIONS = ("vram_budget", "resident_layers", "slots", "workspace")
 
 
 @hookimpl
@@ -64,12 +58,12 @@ def load(plan, config, engine):
         warnings.warn("prefetch: streaming weights needs --device cuda (or the sim backend); on the "
                       "CPU every layer is already in host memory", stacklevel=2)
         return
-    opts = engine.plugin_options
-    resident = _int_option(opts, "prefetch.resident_layers")
-    slots = _int_option(opts, "prefetch.slots") or 2
-    budget = opts.get("prefetch.vram_budget")
+    opts = PluginOptions(engine, "prefetch", OPTIONS)
+    resident = opts.integer("resident_layers")
+    slots = opts.integer("slots", 2)
+    budget = opts.get("vram_budget")
     budget = parse_size(budget) if budget is not None else (None if resident is not None else _free_gpu_bytes(engine))
-    workspace = parse_size(opts.get("prefetch.workspace", DEFAULT_WORKSPACE))
+    workspace = parse_size(opts.get("workspace", DEFAULT_WORKSPACE))
     tensors = engine.file.tensors
     sp = plan_streaming([layer_bytes(tensors, i) for i in range(config.n_layers)],
                         fixed_gpu_bytes(engine, tensors) + workspace, budget=budget,
