@@ -40,6 +40,9 @@ def test_layers_split_into_contiguous_stages_of_equal_bytes():
     assert split_layers([1] * 6, 3) == [0, 0, 1, 1, 2, 2]
     assert split_layers([5, 1, 1, 1, 1, 1], 2) == [0, 1, 1, 1, 1, 1]
     assert split_layers([1] * 4, 4) == [0, 1, 2, 3]
+    # uneven layers: every stage still gets at least one, in order
+    assert split_layers([1, 1, 1, 100], 3) == [0, 0, 1, 2]
+    assert split_layers([34, 58, 43, 95], 4) == [0, 1, 2, 3]
     assert micro_batch_rows(32, 2) == [(0, 16), (16, 32)]
     assert micro_batch_rows(3, 2) == [(0, 2), (2, 3)] and micro_batch_rows(1, 4) == [(0, 1)]
 

@@ -57,6 +57,8 @@ def test_budget_streams_as_few_layers_as_fit():
     assert plan_streaming(layers, 50, resident_layers=7).streamed == spread(10, 3)
     with pytest.raises(PluginError, match="too small"):
         plan_streaming(layers, 50, budget=240, slots=2)
+    one = plan_streaming(layers, 50, resident_layers=9, slots=2)  # one layer streams: one slot is enough
+    assert len(one.streamed) == 1 and one.gpu_bytes == 50 + 9 * 100 + 100
     with pytest.raises(PluginError, match="between 0 and 10"):
         plan_streaming(layers, 50, resident_layers=11)
 

@@ -50,16 +50,18 @@ def load(plan, config, engine):
                       "--sim-devices); the model runs in one piece", stacklevel=2)
         return
     opts = PluginOptions(engine, "pipeline", OPTIONS)
+    base = torch.device(engine.device).index or 0 if engine.sim is None else 0
+    available -= base  # stages go on the engine's GPU and the ones after it
     stages = opts.integer("stages", available)
     if stages < 1 or stages > available:
-        raise PluginError(f"pipeline: {stages} stages asked for, but {available} GPU(s) are there")
+        raise PluginError(f"pipeline: {stages} stages asked for, but {available} GPU(s) are there "
+                          f"from the engine's device on")
     if stages > config.n_layers:
         raise PluginError(f"pipeline: {stages} stages for a model of {config.n_layers} layers")
     tensors = engine.file.tensors
     layer_bytes = [sum(t.nbytes for n, t in tensors.items() if n.startswith(f"blk.{i}."))
                    for i in range(config.n_layers)]
     of_layer = split_layers(layer_bytes, stages)
-    base = torch.device(engine.device).index or 0 if engine.sim is None else 0
     for i, p in enumerate(plan.layers):
         p.stage = of_layer[i]
         if engine.sim is None:  # on the sim, stage s is charged to virtual GPU s by the engine

@@ -17,8 +17,7 @@ def split_layers(layer_bytes: list[int], n_stages: int) -> list[int]:
         # move on to the next stage once this one has its share, leaving a layer for every later stage
         if stage < n_stages - 1 and acc + b / 2 > total * (stage + 1) / n_stages and i > 0 and stages[-1] == stage:
             stage += 1
-        if n - i == n_stages - stage:  # as many layers left as stages: one each
-            stage = max(stage, n_stages - (n - i))
+        stage = max(stage, n_stages - (n - i))  # leave at least one layer for every later stage
         stages.append(stage)
         acc += b
     return stages

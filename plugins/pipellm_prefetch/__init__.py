@@ -12,7 +12,8 @@ Options (`Engine(plugin_options=...)`, or `-O prefetch.KEY=VALUE`):
   prefetch.resident_layers  keep exactly this many layers on the GPU instead (like llama.cpp's
                             --n-gpu-layers)
   prefetch.slots            staging slots on the GPU (default 2)
-  prefetch.workspace        room kept for activations and graphs (default 256MiB)
+  prefetch.workspace        room kept for activations and graphs (default: 256MiB plus the
+                            activations of a prefill filling every cache slot, batch × context)
 It composes with `graphs`: a step's copies and waits are captured into its graph. On a CPU
 without the sim every layer is already in host memory; the plugin says so and does nothing.
 """
@@ -30,7 +31,7 @@ from pipellm_core.plugin_options import PluginOptions
 
 from .budget import DEFAULT_WORKSPACE, StreamPlan, parse_size, plan_streaming
 from .streamer import LayerStreamer
-from .weights_size import fixed_gpu_bytes, layer_bytes
+from .weights_size import fixed_gpu_bytes, layer_bytes, prefill_activation_bytes
 
 def plan_of(engine) -> StreamPlan | None:
     """The engine's streaming plan (None when the plugin is not running on it)."""
@@ -63,7 +64,8 @@ def load(plan, config, engine):
     slots = opts.integer("slots", 2)
     budget = opts.get("vram_budget")
     budget = parse_size(budget) if budget is not None else (None if resident is not None else _free_gpu_bytes(engine))
-    workspace = parse_size(opts.get("workspace", DEFAULT_WORKSPACE))
+    workspace = opts.get("workspace")
+    workspace = parse_size(workspace) if workspace is not None else DEFAULT_WORKSPACE + prefill_activation_bytes(engine)
     tensors = engine.file.tensors
     sp = plan_streaming([layer_bytes(tensors, i) for i in range(config.n_layers)],
                         fixed_gpu_bytes(engine, tensors) + workspace, budget=budget,

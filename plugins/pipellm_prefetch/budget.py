@@ -46,7 +46,7 @@ class StreamPlan:
     @property
     def gpu_bytes(self) -> int:
         """What the plan puts on the GPU: fixed part, resident layers, staging slots."""
-        return self.fixed_bytes + self.resident_bytes + (self.slots * self.slot_bytes if self.streamed else 0)
+        return self.fixed_bytes + self.resident_bytes + min(self.slots, len(self.streamed)) * self.slot_bytes
 
     def describe(self) -> str:
         n = len(self.layer_bytes)
@@ -54,7 +54,7 @@ class StreamPlan:
             return f"prefetch: all {n} layers fit on the GPU; nothing streams"
         host = sum(self.layer_bytes[i] for i in self.streamed)
         return (f"prefetch: {n - len(self.streamed)} of {n} layers resident, {len(self.streamed)} stream "
-                f"from pinned host memory ({human(host)}) through {self.slots} slots of "
+                f"from pinned host memory ({human(host)}) through {min(self.slots, len(self.streamed))} slots of "
                 f"{human(self.slot_bytes)}; {human(self.gpu_bytes)} on the GPU")
 
 

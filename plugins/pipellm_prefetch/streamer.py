@@ -20,6 +20,7 @@ class LayerStreamer:
         self.engine, self.streams = engine, streams
         plan = engine.plan
         self.streamed = sorted(streamed)
+        n_slots = max(1, min(n_slots, len(self.streamed)))  # more slots than streamed layers would sit idle
         self.stage_of = {i: plan.layers[i].stage for i in range(plan.n_layers)}
         self.slot_of: dict[int, int] = {}
         for stage in plan.stages:
@@ -52,7 +53,7 @@ class LayerStreamer:
 
     def before_layer(self, layer: int):
         """Issue the copies that can start now; the weights of `layer` if it streams, else None."""
-        if self._last is None or layer <= self._last:
+        if self._last is None or layer != self._last + 1 or self.stage_of[layer] != self.stage_of[self._last]:
             self._begin_pass(layer)
         self._last = layer
         passed = self.passed[layer]

@@ -25,3 +25,11 @@ def fixed_gpu_bytes(engine, tensors: dict) -> int:
         out += tensors["output.weight"].nbytes
     kv = 2 * c.n_layers * (engine.max_batch + 1) * engine.ctx_size * c.n_kv_heads * c.head_dim * 2
     return out + kv
+
+
+def prefill_activation_bytes(engine) -> int:
+    """A bound on the activations of prefilling every cache slot at once (prompts are not cut
+    into chunks): per token a float32 hidden state, its fp16 normed copy and attention output,
+    and three fp16 feed-forward vectors."""
+    c = engine.config
+    return engine.max_batch * engine.ctx_size * (3 * 4 * c.n_embd + 3 * 2 * c.n_ff)
