@@ -166,17 +166,14 @@ class Engine(ContinuousBatcher):
 
     def _before_layer(self, layer: int, hidden: torch.Tensor):
         if self.costing is not None:
-            self._sim_enter_layer(layer, hidden)
+            # charged to the layer's virtual GPU; crossing to another GPU waits for the work queued
+            # so far on the previous one and receives the hidden state, as a copy between CUDA
+            # devices orders their current streams
+            self._sim_switch(self._sim_layer_device[layer], hidden.numel())
         for answer in self.pm.hook.prefetch(engine=self, layer=layer):
             if answer is not None:
                 return answer
         return self._host_layer_on_device(layer)
-
-    def _sim_enter_layer(self, layer: int, hidden: torch.Tensor) -> None:
-        """On the sim: charge the layer to its virtual GPU; crossing to another GPU, that GPU
-        waits for the work queued so far on the previous one and receives the hidden state (a
-        peer copy), as a copy between CUDA devices orders their current streams."""
-        self._sim_switch(self._sim_layer_device[layer], hidden.numel())
 
     def enter_stage(self, stage: int) -> None:
         """Before a stage's decode step (or its capture). On the sim: its virtual GPU becomes

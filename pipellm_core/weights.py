@@ -67,6 +67,22 @@ class LayerWeights:
 ALIGN = 256  # byte alignment of each tensor inside a packed layer (any dtype's, and the GPU's copy engines')
 
 
+def aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+def packed_bytes(info: TensorInfo) -> int:
+    """Room one tensor takes in a packed layer: vectors (norms, biases) are kept in float32,
+    matrices as their blocks."""
+    return aligned(info.nbytes if len(info.shape) > 1 else 4 * int(info.shape[0]))
+
+
+def packed_layer_bytes(tensors: dict[str, TensorInfo], layer: int) -> int:
+    """Bytes of layer `layer` packed into one buffer (`HostLayer`), from the tensor table alone."""
+    prefix = f"blk.{layer}."
+    return sum(packed_bytes(info) for name, info in tensors.items() if name.startswith(prefix))
+
+
 @dataclass
 class TensorSlot:
     """Where one tensor of a packed layer sits: its byte range and how to view it."""
@@ -102,7 +118,7 @@ class HostLayer:
             n = t.numel() * t.element_size()
             q = (v.qtype, v.rows, v.cols) if isinstance(v, QuantizedMatrix) else (None, 0, 0)
             layout.append(TensorSlot(name, offset, n, t.dtype, tuple(t.shape), *q))
-            offset += -(-n // ALIGN) * ALIGN
+            offset += aligned(n)
         buffer = torch.empty(offset, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
         for slot, v in zip(layout, lw.tensors().values()):
             t = v.raw if isinstance(v, QuantizedMatrix) else v

@@ -26,6 +26,7 @@ import torch
 from pipellm_core import hookimpl
 from pipellm_core.errors import PluginError
 from pipellm_core.plugin_options import PluginOptions
+from pipellm_core.weights import packed_layer_bytes
 
 from .split import pipeline_schedule, split_layers
 
@@ -59,9 +60,7 @@ def load(plan, config, engine):
     if stages > config.n_layers:
         raise PluginError(f"pipeline: {stages} stages for a model of {config.n_layers} layers")
     tensors = engine.file.tensors
-    layer_bytes = [sum(t.nbytes for n, t in tensors.items() if n.startswith(f"blk.{i}."))
-                   for i in range(config.n_layers)]
-    of_layer = split_layers(layer_bytes, stages)
+    of_layer = split_layers([packed_layer_bytes(tensors, i) for i in range(config.n_layers)], stages)
     for i, p in enumerate(plan.layers):
         p.stage = of_layer[i]
         if engine.sim is None:  # on the sim, stage s is charged to virtual GPU s by the engine

@@ -31,7 +31,9 @@ from pipellm_core.plugin_options import PluginOptions
 
 from .budget import DEFAULT_WORKSPACE, StreamPlan, parse_size, plan_streaming
 from .streamer import LayerStreamer
-from .weights_size import fixed_gpu_bytes, layer_bytes, prefill_activation_bytes
+from pipellm_core.weights import packed_layer_bytes
+
+from .weights_size import fixed_gpu_bytes, prefill_activation_bytes
 
 def plan_of(engine) -> StreamPlan | None:
     """The engine's streaming plan (None when the plugin is not running on it)."""
@@ -67,7 +69,7 @@ def load(plan, config, engine):
     workspace = opts.get("workspace")
     workspace = parse_size(workspace) if workspace is not None else DEFAULT_WORKSPACE + prefill_activation_bytes(engine)
     tensors = engine.file.tensors
-    sp = plan_streaming([layer_bytes(tensors, i) for i in range(config.n_layers)],
+    sp = plan_streaming([packed_layer_bytes(tensors, i) for i in range(config.n_layers)],
                         fixed_gpu_bytes(engine, tensors) + workspace, budget=budget,
                         resident_layers=resident, slots=slots)
     for i in sp.streamed:

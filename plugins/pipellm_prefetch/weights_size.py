@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-from pipellm_core.weights import ALIGN
-
-
-def _packed(info) -> int:
-    # vectors (norms, biases) are kept in float32; matrices as their blocks
-    n = info.nbytes if len(info.shape) > 1 else 4 * int(info.shape[0])
-    return -(-n // ALIGN) * ALIGN
-
-
-def layer_bytes(tensors: dict, layer: int) -> int:
-    """Bytes of layer `layer` packed into one buffer (`pipellm_core.weights.HostLayer`)."""
-    prefix = f"blk.{layer}."
-    return sum(_packed(info) for name, info in tensors.items() if name.startswith(prefix))
+from pipellm_core.weights import packed_bytes
 
 
 def fixed_gpu_bytes(engine, tensors: dict) -> int:
     """Embedding, output norm and head, and the KV cache: on the GPU whatever streams."""
     c = engine.config
-    out = tensors["token_embd.weight"].nbytes + _packed(tensors["output_norm.weight"])
+    out = tensors["token_embd.weight"].nbytes + packed_bytes(tensors["output_norm.weight"])
     if "output.weight" in tensors:
         out += tensors["output.weight"].nbytes
     kv = 2 * c.n_layers * (engine.max_batch + 1) * engine.ctx_size * c.n_kv_heads * c.head_dim * 2
