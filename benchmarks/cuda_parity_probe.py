@@ -24,8 +24,8 @@ def run_setting(dtype: str, kernels: str) -> dict:
     env = dict(os.environ, PIPELLM_KERNELS=kernels)
     code = f"""
 import json, torch
-from pipellm_core.engine import Engine
-from pipellm_core.llamacpp_backend import LlamaCppBackend
+from pipellm_core.runtime.engine import Engine
+from pipellm_core.llamacpp.backend import LlamaCppBackend
 from tests.test_parity_llamacpp import PROMPTS, greedy, rel_err
 engine = Engine({path!r}, device="cuda", max_batch=1, ctx_size=512, progress=False, dtype=torch.{dtype})
 ref = LlamaCppBackend({path!r}, device="cuda", max_batch=1, ctx_size=512)

@@ -18,9 +18,9 @@ import sys
 import torch
 from gguf import GGMLQuantizationType as T
 
-from pipellm_core.benchmark import measure_decode
-from pipellm_core.engine import Engine
-from pipellm_core.synthetic import write_random_gguf
+from pipellm_core.bench.measure import measure_decode
+from pipellm_core.runtime.engine import Engine
+from pipellm_core.gguf.synthetic import write_random_gguf
 
 
 class IdTokenizer:

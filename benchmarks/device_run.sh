@@ -76,7 +76,7 @@ tests)
 bench)
   name=$1; shift
   cd "$repo"
-  python3 -m pipellm_core.cli bench --device cuda --baseline llamacpp --no-progress \
+  python3 -m pipellm_core.frontends.cli bench --device cuda --baseline llamacpp --no-progress \
     --json "$OUT/$name.json" --markdown "$OUT/$name.md" --plot "$OUT/$name.png" "$@" 2>&1 | quiet
   ;;
 py)

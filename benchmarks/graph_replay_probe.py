@@ -16,9 +16,9 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 import pipellm_graphs
-from pipellm_core.engine import Engine
-from pipellm_core.step import StepBatch
-from pipellm_core.synthetic import write_random_gguf
+from pipellm_core.runtime.engine import Engine
+from pipellm_core.runtime.step import StepBatch
+from pipellm_core.gguf.synthetic import write_random_gguf
 from pipellm_graphs import cuda_capture
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from gguf import GGMLQuantizationType as T
 
-from pipellm_core.synthetic import write_random_gguf
+from pipellm_core.gguf.synthetic import write_random_gguf
 
 MODELS = [
     ("smollm2-135m-q4_1.gguf", "smollm2-135m", T.Q4_1, dict(embedding_type=T.Q8_0)),

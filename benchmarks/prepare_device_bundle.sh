@@ -33,8 +33,8 @@ fi
 "$py" - "$out/smollm2-vocab.gguf" <<'PY'
 import sys
 from gguf import GGUFWriter
-from pipellm_core.default_model import default_model_path
-from pipellm_core.synthetic import copy_tokenizer
+from pipellm_core.gguf.default_model import default_model_path
+from pipellm_core.gguf.synthetic import copy_tokenizer
 w = GGUFWriter(sys.argv[1], "llama")
 copy_tokenizer(w, default_model_path())
 w.write_header_to_file(); w.write_kv_data_to_file(); w.write_ti_data_to_file(); w.close()

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from pipellm_core.default_model import default_model_path
+from pipellm_core.gguf.default_model import default_model_path
 
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 
@@ -27,7 +27,7 @@ def tiny_models(tmp_path_factory, smollm2_path):
     """Small random-weight GGUFs (F32, so llama.cpp computes them exactly as we do)."""
     from gguf import GGMLQuantizationType as T
 
-    from pipellm_core.synthetic import write_random_gguf
+    from pipellm_core.gguf.synthetic import write_random_gguf
 
     d = tmp_path_factory.mktemp("models")
     return {
@@ -39,13 +39,13 @@ def tiny_models(tmp_path_factory, smollm2_path):
 
 @pytest.fixture(scope="session")
 def smollm2_engine(smollm2_path):
-    from pipellm_core.engine import Engine
+    from pipellm_core.runtime.engine import Engine
     return Engine(smollm2_path, max_batch=4, ctx_size=512, progress=False)
 
 
 @pytest.fixture(scope="session")
 def smollm2_llamacpp(smollm2_path):
-    from pipellm_core.llamacpp_backend import LlamaCppBackend
+    from pipellm_core.llamacpp.backend import LlamaCppBackend
     return LlamaCppBackend(smollm2_path, max_batch=4, ctx_size=512)
 
 
@@ -55,7 +55,7 @@ def foreign_arch_gguf(tmp_path, smollm2_path):
     import numpy as np
     from gguf import GGUFWriter
 
-    from pipellm_core.synthetic import copy_tokenizer
+    from pipellm_core.gguf.synthetic import copy_tokenizer
 
     def write(arch: str) -> str:
         path = tmp_path / f"{arch}.gguf"

@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..model_file import ModelConfig
-from .graph import SimGraph
-from .op_costs import SimOpCosting
-from .runtime import SimRuntime
+from pipellm_core.gguf.model_file import ModelConfig
+from pipellm_core.sim.graph import SimGraph
+from pipellm_core.sim.op_costs import SimOpCosting
+from pipellm_core.sim.runtime import SimRuntime
 
 
 def _rms_norm(x, w, eps):

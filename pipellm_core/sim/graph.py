@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .op_costs import GraphNode, SimOpCosting
+from pipellm_core.sim.op_costs import GraphNode, SimOpCosting
 
 
 class SimGraphPool:

@@ -1,7 +1,7 @@
 """graphs: the decode step as CUDA graphs, one per (batch bucket, context bucket).
 
 Eager PyTorch pays host time for every operation of a step; a replayed CUDA graph launches the
-whole step at once. The engine runs each decode step in a fixed shape (`pipellm_core.step_shapes`,
+whole step at once. The engine runs each decode step in a fixed shape (`pipellm_core.runtime.step_shapes`,
 set by `--batch-buckets` and `--ctx-buckets`); this plugin captures the graph of each shape on
 first use or all up front, and checks each new graph against the eager step on the same inputs:
 a mismatch warns and that shape stays eager.
@@ -18,7 +18,7 @@ import warnings
 
 from pipellm_core import hookimpl
 from pipellm_core.errors import PluginError
-from pipellm_core.plugin_options import PluginOptions
+from pipellm_core.hooks.options import PluginOptions
 
 from .runner import GraphRunner
 

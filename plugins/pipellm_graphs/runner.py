@@ -10,9 +10,9 @@ import warnings
 import torch
 
 from pipellm_core.progress import progress_bar
-from pipellm_core.step import StepBatch
+from pipellm_core.runtime.step import StepBatch
 
-from pipellm_core.step_shapes import StepShapes
+from pipellm_core.runtime.step_shapes import StepShapes
 
 # A graph replays the eager step's kernels, but a library may pick another algorithm while
 # capturing (cuBLAS may, on another stream), so outputs can differ in the last bits, which the

@@ -25,8 +25,8 @@ import torch
 
 from pipellm_core import hookimpl
 from pipellm_core.errors import PluginError
-from pipellm_core.plugin_options import PluginOptions
-from pipellm_core.weights import packed_layer_bytes
+from pipellm_core.hooks.options import PluginOptions
+from pipellm_core.model.weights import packed_layer_bytes
 
 from .split import pipeline_schedule, split_layers
 

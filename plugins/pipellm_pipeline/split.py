@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipellm_core.step import Schedule, StepBatch
+from pipellm_core.runtime.step import Schedule, StepBatch
 
 
 def split_layers(layer_bytes: list[int], n_stages: int) -> list[int]:

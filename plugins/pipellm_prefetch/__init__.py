@@ -27,11 +27,11 @@ import torch
 
 from pipellm_core import hookimpl
 from pipellm_core.errors import PluginError
-from pipellm_core.plugin_options import PluginOptions
+from pipellm_core.hooks.options import PluginOptions
 
 from .budget import DEFAULT_WORKSPACE, StreamPlan, parse_size, plan_streaming
 from .streamer import LayerStreamer
-from pipellm_core.weights import packed_layer_bytes
+from pipellm_core.model.weights import packed_layer_bytes
 
 from .weights_size import fixed_gpu_bytes, prefill_activation_bytes
 

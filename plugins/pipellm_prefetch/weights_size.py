@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipellm_core.weights import packed_bytes
+from pipellm_core.model.weights import packed_bytes
 
 
 def fixed_gpu_bytes(engine, tensors: dict) -> int:

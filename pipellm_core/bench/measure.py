@@ -1,0 +1,78 @@
+"""Decode-speed measurement, the same for every backend: B sequences of a fixed prompt length,
+then a fixed number of decode steps, median over repeats after a warm-up."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass
+
+import torch
+
+from pipellm_core.runtime.request import GenerationStats, Request
+from pipellm_core.runtime.sampling import SamplingParams
+
+
+@dataclass
+class DecodeMeasurement:
+    backend: str
+    plugins: list[str]
+    device: str
+    batch: int
+    prompt_tokens: int
+    n_predict: int
+    repeats: int
+    ms_per_step: float
+    tok_s: float
+    prefill_tok_s: float
+    weight_bytes: int
+    gb_s: float  # weight bytes read per step / step time
+    tokens: list[list[int]]  # greedy tokens of the last repeat, to compare runs
+
+    def row(self) -> dict:
+        out = asdict(self)
+        out.pop("tokens")
+        return out
+
+
+def synthetic_prompts(batch: int, prompt_tokens: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    """Token ids drawn from the middle of the vocabulary (no special tokens), fixed by `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = min(1000, vocab // 4), max(min(vocab - 1000, 30000), vocab // 2)
+    return torch.randint(lo, hi, (batch, prompt_tokens), generator=g).tolist()
+
+
+def measure_decode(backend, *, batch: int, prompt_tokens: int, n_predict: int, repeats: int = 3,
+                   warmup: int = 1, backend_name: str = "torch", plugins=(), device: str = "cpu",
+                   weight_bytes: int = 0, progress=None) -> DecodeMeasurement:
+    """Run `warmup` + `repeats` generations of `n_predict` greedy tokens for `batch` sequences
+    (end-of-generation ignored) and report the median decode step time."""
+    prompts = synthetic_prompts(batch, prompt_tokens, backend.tokenizer.vocab_size)
+    steps, prefill, tokens = [], [], []
+    for i in range(warmup + repeats):
+        if hasattr(backend, "session"):  # llama.cpp: the whole run inside its own process
+            r = backend.session.timed_greedy_run(prompts, n_predict)
+            if i >= warmup:
+                steps.append(r["decode_seconds"] / r["decode_steps"])
+                prefill.append(batch * prompt_tokens / r["prefill_seconds"])
+                tokens = r["tokens"]
+            continue
+        backend.stats = GenerationStats()
+        reqs = [Request(p, n_predict, SamplingParams(temperature=0), ignore_eos=True) for p in prompts]
+        for _ in backend.generate(reqs):
+            pass
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        s = backend.stats
+        if i >= warmup:
+            steps.append(s.decode_seconds / max(s.decode_steps, 1))
+            prefill.append(s.prefill_tok_s)
+            tokens = [r.generated for r in reqs]
+        if progress:
+            progress.update(1)
+    step = statistics.median(steps)
+    return DecodeMeasurement(
+        backend=backend_name, plugins=list(plugins), device=device, batch=batch,
+        prompt_tokens=prompt_tokens, n_predict=n_predict, repeats=repeats,
+        ms_per_step=step * 1e3, tok_s=batch / step, prefill_tok_s=statistics.median(prefill),
+        weight_bytes=weight_bytes, gb_s=weight_bytes / step / 1e9 if weight_bytes else 0.0,
+        tokens=tokens)

@@ -1,0 +1,141 @@
+"""A GGUF model file: metadata turned into a `ModelConfig`, tensors left memory-mapped."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipellm_core.errors import GGUFError, UnsupportedModelError
+from pipellm_core.gguf.header import check_gguf_header
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+
+# llama.cpp rotates adjacent pairs for `llama` (its converter permutes Q/K to match) and the two
+# halves of each head ("NeoX" style) for `qwen2`.
+ROPE_STYLE = {"llama": "pairs", "qwen2": "halves"}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str
+    n_layers: int
+    n_embd: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    n_ff: int
+    vocab_size: int
+    context_length: int
+    rms_eps: float
+    rope_base: float
+    rope_style: str
+    rope_dim: int
+    rope_linear_scale: float
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    qtype: "object"  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # torch order: (rows, cols) for matrices
+    data: np.ndarray  # raw bytes (uint8) or elements, memory-mapped
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+
+class ModelFile:
+    """Opens a GGUF lazily: nothing but the header is read until a tensor's bytes are touched."""
+
+    def __init__(self, path: str):
+        import gguf
+
+        self.path = str(path)
+        check_gguf_header(self.path)
+        try:
+            self.reader = gguf.GGUFReader(self.path, "r")
+        except Exception as e:  # the header walk passed, so this is corruption it cannot see
+            raise GGUFError(f"corrupt GGUF ({type(e).__name__}: {e}): {self.path}") from None
+        self.tensors: dict[str, TensorInfo] = {}
+        for t in self.reader.tensors:
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            self.tensors[t.name] = TensorInfo(t.name, t.tensor_type, shape, t.data)
+        self.config = self._read_config()
+
+    def metadata(self, key: str, default=None):
+        field = self.reader.get_field(key)
+        if field is None:
+            return default
+        try:
+            return field.contents()
+        except Exception as e:
+            raise GGUFError(f"corrupt GGUF: metadata {key!r} cannot be read ({e})") from None
+
+    def _require(self, key: str):
+        value = self.metadata(key)
+        if value is None:
+            raise GGUFError(f"GGUF lacks required metadata {key!r}: {self.path}")
+        return value
+
+    def _read_config(self) -> ModelConfig:
+        arch = self.metadata("general.architecture")
+        if arch is None:
+            raise GGUFError(f"GGUF lacks general.architecture: {self.path}")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        n_embd = int(self._require(f"{arch}.embedding_length"))
+        n_heads = int(self._require(f"{arch}.attention.head_count"))
+        n_kv_heads = int(self.metadata(f"{arch}.attention.head_count_kv", n_heads))
+        head_dim = int(self.metadata(f"{arch}.attention.key_length", n_embd // max(n_heads, 1)))
+        if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads or head_dim <= 0:
+            raise GGUFError(f"corrupt GGUF: {n_heads} heads, {n_kv_heads} KV heads, head size {head_dim}")
+        if "token_embd.weight" not in self.tensors:
+            raise GGUFError(f"GGUF lacks tensor 'token_embd.weight': {self.path}")
+        vocab = self.tensors["token_embd.weight"].shape[0]
+        scaling = self.metadata(f"{arch}.rope.scaling.type", "none")
+        linear_scale = 1.0
+        if scaling == "linear":
+            linear_scale = float(self.metadata(f"{arch}.rope.scaling.factor", 1.0))
+        elif scaling not in ("none", None):
+            raise UnsupportedModelError(f"unsupported RoPE scaling {scaling!r} (supported: none, linear)")
+        config = ModelConfig(
+            arch=arch,
+            n_layers=int(self._require(f"{arch}.block_count")),
+            n_embd=n_embd,
+            n_heads=n_heads,
+            n_kv_heads=n_kv_heads,
+            head_dim=head_dim,
+            n_ff=int(self._require(f"{arch}.feed_forward_length")),
+            vocab_size=vocab,
+            context_length=int(self.metadata(f"{arch}.context_length", 2048)),
+            rms_eps=float(self.metadata(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_base=float(self.metadata(f"{arch}.rope.freq_base", 10000.0)),
+            rope_style=ROPE_STYLE[arch],
+            rope_dim=int(self.metadata(f"{arch}.rope.dimension_count", head_dim)),
+            rope_linear_scale=linear_scale,
+            name=str(self.metadata("general.name", "") or ""),
+        )
+        if config.n_layers <= 0 or config.n_layers > 10_000:
+            raise GGUFError(f"corrupt GGUF: block_count = {config.n_layers}")
+        missing = [n for n in self.layer_tensor_names(0) if n not in self.tensors]
+        if missing:
+            raise GGUFError(f"GGUF lacks tensors {missing}: {self.path}")
+        return config
+
+    def decode_weight_bytes(self) -> int:
+        """Bytes of weights one decode step reads: every tensor but the embedding table, plus the
+        embedding when it doubles as the output head."""
+        total = sum(t.nbytes for name, t in self.tensors.items() if name != "token_embd.weight")
+        if "output.weight" not in self.tensors:
+            total += self.tensors["token_embd.weight"].nbytes
+        return total
+
+    @staticmethod
+    def layer_tensor_names(i: int) -> list[str]:
+        return [f"blk.{i}.{p}.weight" for p in (
+            "attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
+            "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")]

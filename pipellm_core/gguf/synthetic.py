@@ -1,0 +1,171 @@
+"""Random-weight GGUFs of real model shapes, written tensor by tensor with `gguf.GGUFWriter`.
+
+Decode speed does not depend on weight values, so benchmarks make multi-gigabyte models where
+they run instead of shipping them. Quantized tensors are random bytes whose fp16 scale fields
+are set to sane values, so every block decodes to finite weights of a realistic size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFReader, GGUFValueType, GGUFWriter
+
+
+@dataclass(frozen=True)
+class Shape:
+    arch: str
+    n_layers: int
+    n_embd: int
+    n_ff: int
+    n_heads: int
+    n_kv_heads: int
+    context_length: int = 8192
+    rope_base: float = 10000.0
+    rms_eps: float = 1e-5
+    tied_output: bool = False
+    vocab_size: int = 49152
+
+    def config(self):
+        """The `ModelConfig` a file of this shape reads as."""
+        from pipellm_core.gguf.model_file import ROPE_STYLE, ModelConfig
+        head_dim = self.n_embd // self.n_heads
+        return ModelConfig(self.arch, self.n_layers, self.n_embd, self.n_heads, self.n_kv_heads,
+                           head_dim, self.n_ff, self.vocab_size, self.context_length, self.rms_eps,
+                           self.rope_base, ROPE_STYLE[self.arch], head_dim, 1.0)
+
+
+SHAPES = {
+    "smollm2-135m": Shape("llama", 30, 576, 1536, 9, 3, 8192, 100000.0, 1e-5, tied_output=True),
+    "llama-1b": Shape("llama", 16, 2048, 8192, 32, 8, 8192, 500000.0, 1e-5, tied_output=True),
+    "llama-8b": Shape("llama", 32, 4096, 14336, 32, 8, 8192, 500000.0, 1e-5),
+    "llama-70b": Shape("llama", 80, 8192, 28672, 64, 8, 8192, 500000.0, 1e-5),
+    "tiny-llama": Shape("llama", 2, 64, 128, 4, 2, 2048),
+    "tiny-qwen2": Shape("qwen2", 2, 64, 128, 4, 2, 2048, 1000000.0, 1e-6),
+}
+
+# byte offsets of the fp16 scale fields in one block of each type ("d", and "m"/"dmin" at +2)
+SCALE_FIELDS = {
+    T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,),
+    T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,),
+}
+
+
+def random_blocks(qtype: T, n_blocks: int, rng: np.random.Generator, scale: float = 0.002) -> np.ndarray:
+    """Random blocks of `qtype` ([n_blocks, bytes per block], uint8) with sane fp16 scales."""
+    size = GGML_QUANT_SIZES[qtype][1]
+    blocks = rng.integers(0, 256, size=(n_blocks, size), dtype=np.uint8)
+    for off in SCALE_FIELDS[qtype]:
+        d = (rng.uniform(0.5, 1.5, n_blocks) * scale).astype(np.float16)
+        if off and qtype in (T.Q4_1, T.Q5_1):
+            d = -d * 8  # a min that centres the block on zero
+        blocks[:, off:off + 2] = d.view(np.uint8).reshape(n_blocks, 2)
+    return blocks
+
+
+def _random_tensor(qtype: T, rows: int, cols: int, rng, std: float) -> np.ndarray:
+    if qtype == T.F32:
+        return (rng.standard_normal((rows, cols), dtype=np.float32) * std)
+    if qtype == T.F16:
+        return (rng.standard_normal((rows, cols), dtype=np.float32) * std).astype(np.float16)
+    block = GGML_QUANT_SIZES[qtype][0]
+    # spread of a block's values is about 4.6 steps (4-bit), 74 (8-bit): pick the step from std
+    step = std / {T.Q8_0: 74.0, T.Q6_K: 18.0, T.Q5_0: 9.2, T.Q5_1: 9.2, T.Q5_K: 9.2}.get(qtype, 4.6)
+    blocks = random_blocks(qtype, rows * cols // block, rng, step)
+    return blocks.reshape(rows, -1)
+
+
+def copy_tokenizer(writer: GGUFWriter, source: str) -> int:
+    """Copy every tokenizer.* field of `source` (a GGUF) into `writer`; returns the vocab size."""
+    reader = GGUFReader(source, "r")
+    vocab = 0
+    for name, field in reader.fields.items():
+        if not name.startswith("tokenizer."):
+            continue
+        vtype = GGUFValueType(field.types[0])
+        value = field.contents()
+        sub = GGUFValueType(field.types[1]) if vtype == GGUFValueType.ARRAY else None
+        writer.add_key_value(name, value, vtype, sub_type=sub)
+        if name == "tokenizer.ggml.tokens":
+            vocab = len(value)
+    return vocab
+
+
+def write_random_gguf(path: str, shape: Shape | str, qtype: T = T.Q4_0, *, tokenizer_from: str | None,
+                      embedding_type: T | None = None, output_type: T | None = None,
+                      seed: int = 0, std: float = 0.02, progress: bool = False) -> str:
+    """Write a model of `shape` with random weights in `qtype` and a real tokenizer's metadata
+    (copied from the GGUF `tokenizer_from`; without one, a placeholder vocabulary of
+    `shape.vocab_size` tokens that only pipellm's file reader, not llama.cpp, accepts)."""
+    from pipellm_core.progress import progress_bar
+
+    shape = SHAPES[shape] if isinstance(shape, str) else shape
+    rng = np.random.default_rng(seed)
+    w = GGUFWriter(path, shape.arch)
+    if tokenizer_from:
+        vocab = copy_tokenizer(w, tokenizer_from)
+    else:
+        vocab = shape.vocab_size
+        w.add_tokenizer_model("none")
+        w.add_token_list([f"<t{i}>" for i in range(vocab)])
+    shape = replace(shape, vocab_size=vocab)
+    a, hd = shape.arch, shape.n_embd // shape.n_heads
+    w.add_name(f"random {shape.arch} {qtype.name}")
+    w.add_uint32(f"{a}.block_count", shape.n_layers)
+    w.add_uint32(f"{a}.context_length", shape.context_length)
+    w.add_uint32(f"{a}.embedding_length", shape.n_embd)
+    w.add_uint32(f"{a}.feed_forward_length", shape.n_ff)
+    w.add_uint32(f"{a}.attention.head_count", shape.n_heads)
+    w.add_uint32(f"{a}.attention.head_count_kv", shape.n_kv_heads)
+    w.add_uint32(f"{a}.rope.dimension_count", hd)
+    w.add_float32(f"{a}.rope.freq_base", shape.rope_base)
+    w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", shape.rms_eps)
+
+    kv = shape.n_kv_heads * hd
+    plan: list[tuple[str, T, int, int, float]] = [
+        ("token_embd.weight", embedding_type or qtype, vocab, shape.n_embd, 1.0)]
+    for i in range(shape.n_layers):
+        p = f"blk.{i}."
+        plan += [(p + "attn_norm.weight", T.F32, 1, shape.n_embd, 0.0),
+                 (p + "attn_q.weight", qtype, shape.n_embd, shape.n_embd, std),
+                 (p + "attn_k.weight", qtype, kv, shape.n_embd, std),
+                 (p + "attn_v.weight", qtype, kv, shape.n_embd, std),
+                 (p + "attn_output.weight", qtype, shape.n_embd, shape.n_embd, std),
+                 (p + "ffn_norm.weight", T.F32, 1, shape.n_embd, 0.0),
+                 (p + "ffn_gate.weight", qtype, shape.n_ff, shape.n_embd, std),
+                 (p + "ffn_up.weight", qtype, shape.n_ff, shape.n_embd, std),
+                 (p + "ffn_down.weight", qtype, shape.n_embd, shape.n_ff, std)]
+        if shape.arch == "qwen2":
+            plan += [(p + "attn_q.bias", T.F32, 1, shape.n_embd, std),
+                     (p + "attn_k.bias", T.F32, 1, kv, std),
+                     (p + "attn_v.bias", T.F32, 1, kv, std)]
+    plan.append(("output_norm.weight", T.F32, 1, shape.n_embd, 0.0))
+    if not shape.tied_output:
+        plan.append(("output.weight", output_type or qtype, vocab, shape.n_embd, std))
+
+    def make(qt, rows, cols, s):
+        if s == 0.0:  # norms: ones, slightly perturbed
+            return (1.0 + rng.standard_normal(cols, dtype=np.float32) * 0.05).astype(np.float32)
+        t = _random_tensor(qt, rows, cols, rng, s)
+        return t.reshape(-1) if rows == 1 else t
+
+    for name, qt, rows, cols, _ in plan:
+        block, size = GGML_QUANT_SIZES[qt]
+        nbytes = rows * cols // block * size
+        dtype = {T.F32: np.float32, T.F16: np.float16}.get(qt, np.uint8)
+        byte_shape = (rows, cols) if dtype is not np.uint8 else (rows, cols // block * size)
+        if rows == 1:
+            byte_shape = byte_shape[1:]
+        w.add_tensor_info(name, byte_shape, np.dtype(dtype), nbytes,
+                          raw_dtype=None if dtype is not np.uint8 else qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    bar = progress_bar(total=len(plan), desc=f"writing {path}", enabled=progress)
+    for name, qt, rows, cols, s in plan:
+        w.write_tensor_data(make(qt, rows, cols, s))
+        bar.update(1)
+    bar.close()
+    w.close()
+    return path

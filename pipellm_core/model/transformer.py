@@ -1,0 +1,178 @@
+"""The decoder-only transformer of the `llama` and `qwen2` GGUF architectures, in plain torch.
+
+Every step works on static buffers: a preallocated KV cache indexed by (slot, position), and
+attention over a fixed number of cache positions (`ctx_len`) with a mask, so one decode step
+has the same shapes from call to call and can be captured as a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from pipellm_core.model.activation_rounding import round_like_llamacpp
+from pipellm_core.model.kernels import quant_matmul
+from pipellm_core.gguf.model_file import ModelConfig
+from pipellm_core.model.weights import LayerWeights, ModelWeights, QuantizedMatrix
+
+
+class KVCache:
+    """Keys and values of every layer for `max_batch` slots of `ctx_size` positions each."""
+
+    def __init__(self, config: ModelConfig, max_batch: int, ctx_size: int, dtype: torch.dtype,
+                 layer_devices: list[torch.device]):
+        shape = (max_batch, config.n_kv_heads, ctx_size, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=d) for d in layer_devices]
+        self.v = [torch.zeros(shape, dtype=dtype, device=d) for d in layer_devices]
+        self.max_batch, self.ctx_size = max_batch, ctx_size
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+def rope_tables(config: ModelConfig, ctx_size: int, freq_factors: torch.Tensor | None):
+    """cos/sin [ctx_size, rope_dim/2], angles computed in float64 like ggml's rope cache."""
+    half = config.rope_dim // 2
+    inv = config.rope_base ** (-torch.arange(0, half, dtype=torch.float64) * 2 / config.rope_dim)
+    if freq_factors is not None:
+        inv = inv / freq_factors.to(torch.float64)[:half]
+    pos = torch.arange(ctx_size, dtype=torch.float64) / config.rope_linear_scale
+    ang = pos[:, None] * inv[None, :]
+    return torch.cos(ang).float(), torch.sin(ang).float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str, rope_dim: int):
+    """x: [B, T, heads, head_dim]; cos/sin: [B, T, rope_dim/2]."""
+    rot, rest = x[..., :rope_dim].float(), x[..., rope_dim:]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    if style == "pairs":
+        a, b = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+    else:
+        a, b = rot[..., : rope_dim // 2], rot[..., rope_dim // 2:]
+        out = torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+    return torch.cat([out.to(x.dtype), rest], dim=-1) if rest.numel() else out.to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight).to(x.dtype)
+
+
+def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q [B, T, heads, d], keys/values [B, kv_heads, ctx, d], mask [B, 1, T, ctx] -> [B, T, heads, d].
+
+    On CUDA, the query heads that share a key/value head are laid out as extra query positions
+    of that head, so that the fused attention kernels serve grouped-query attention: the
+    fallback would be matrix products in cuBLAS, whose results differ between a CUDA-graph
+    capture and an eager run. Elsewhere, PyTorch's grouped-query attention as it is."""
+    kv, H = keys.shape[1], q.shape[2]
+    if q.is_cuda and kv != H:
+        return grouped_query_attention(q, keys, values, mask)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=kv != H)
+    return out.transpose(1, 2)
+
+
+def grouped_query_attention(q, keys, values, mask):
+    """`attention` with each key/value head's G query heads as G × T query positions."""
+    B, T, H, D = q.shape
+    kv = keys.shape[1]
+    G = H // kv
+    qg = q.reshape(B, T, kv, G, D).permute(0, 2, 3, 1, 4).reshape(B, kv, G * T, D)  # position g*T + t
+    mg = mask.expand(B, 1, T, mask.shape[-1]).repeat(1, 1, G, 1)
+    out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mg)
+    return out.reshape(B, kv, G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H, D)
+
+
+def linear(x: torch.Tensor, w: QuantizedMatrix, bias: torch.Tensor | None = None) -> torch.Tensor:
+    x = round_like_llamacpp(x, w.qtype, x.device.type)
+    if quant_matmul.supports(x, w.qtype):
+        y = quant_matmul.block_matmul(x, w.raw, w.qtype, w.rows, w.cols)
+    elif quant_matmul.supports_dense(x):
+        y = quant_matmul.dense_matmul(x, w.dequantize(x.dtype))
+    else:
+        y = x @ w.dequantize(x.dtype).t()
+    return y + bias.to(y.dtype) if bias is not None else y
+
+
+class Transformer:
+    """The model's forward pass. Matrix products run in `dtype`; the residual stream between
+    them stays in float32, as llama.cpp keeps it (an fp16 residual overflows on models whose
+    activations grow past 65504 over the layers)."""
+
+    residual_dtype = torch.float32
+
+    def __init__(self, config: ModelConfig, weights: ModelWeights, cache: KVCache, dtype: torch.dtype):
+        self.config, self.weights, self.cache, self.dtype = config, weights, cache, dtype
+        cos, sin = rope_tables(config, cache.ctx_size, weights.rope_freqs)
+        devices = {str(d) for d in weights.layer_devices}
+        self._rope = {d: (cos.to(d), sin.to(d)) for d in devices}
+        self._positions = {d: torch.arange(cache.ctx_size, device=d) for d in devices}
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.weights.token_embd.rows_dequantized(tokens, self.residual_dtype)
+
+    def attention_mask(self, positions: torch.Tensor, ctx_len: int) -> torch.Tensor:
+        """[B, 1, T, ctx_len]: a query at position p sees cache positions 0..p of its own slot."""
+        keys = self._positions[str(positions.device)][:ctx_len]
+        return (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)
+
+    def layer(self, i: int, h: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+              mask: torch.Tensor, ctx_len: int, w: LayerWeights | None = None) -> torch.Tensor:
+        """One block on h [B, T, n_embd] (float32); writes this step's keys/values into the cache."""
+        c, w = self.config, w or self.weights.layers[i]
+        B, T, _ = h.shape
+        x = rms_norm(h, w.attn_norm, c.rms_eps).to(self.dtype)
+        q = linear(x, w.wq, w.bq).view(B, T, c.n_heads, c.head_dim)
+        k = linear(x, w.wk, w.bk).view(B, T, c.n_kv_heads, c.head_dim)
+        v = linear(x, w.wv, w.bv).view(B, T, c.n_kv_heads, c.head_dim)
+        cos, sin = self._rope[str(h.device)]
+        cos, sin = cos[positions], sin[positions]
+        q = apply_rope(q, cos, sin, c.rope_style, c.rope_dim)
+        k = apply_rope(k, cos, sin, c.rope_style, c.rope_dim)
+        kc, vc = self.cache.k[i], self.cache.v[i]
+        kc[slots[:, None], :, positions] = k.to(kc.dtype)
+        vc[slots[:, None], :, positions] = v.to(vc.dtype)
+        keys, values = kc[slots, :, :ctx_len], vc[slots, :, :ctx_len]
+        attn = attention(q, keys.to(q.dtype), values.to(q.dtype), mask)
+        h = h + linear(attn.reshape(B, T, -1), w.wo).to(h.dtype)
+        x = rms_norm(h, w.ffn_norm, c.rms_eps).to(self.dtype)
+        return h + linear(F.silu(linear(x, w.w_gate)) * linear(x, w.w_up), w.w_down).to(h.dtype)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        h = rms_norm(h, self.weights.output_norm, self.config.rms_eps).to(self.dtype)
+        return linear(h, self.weights.output).float()
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                ctx_len: int, layers: range | None = None, hidden: torch.Tensor | None = None,
+                before_layer: Callable[[int, torch.Tensor], LayerWeights | None] | None = None,
+                logits_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Run `layers` (all by default) on tokens [B, T] at positions [B, T] in cache `slots` [B].
+
+        Starts from the embedding unless `hidden` is given; ends with the head (logits
+        [B, T, vocab]) when the last layer is included, else returns the hidden state.
+        `before_layer(i, h)` runs ahead of each layer (the prefetch hook) and may return the
+        weights to use for it (a streamed copy). With `logits_index` [B], the head runs only on
+        that position of each row (logits [B, 1, vocab]).
+        """
+        n = self.config.n_layers
+        layers = range(n) if layers is None else layers
+        h = self.embed(tokens) if hidden is None else hidden
+        mask = None
+        for i in layers:
+            dev = self.weights.layer_devices[i]
+            if h.device != dev:
+                h, positions, slots = h.to(dev), positions.to(dev), slots.to(dev)
+                mask = None
+            if mask is None:
+                mask = self.attention_mask(positions, ctx_len)
+            w = before_layer(i, h) if before_layer else None
+            h = self.layer(i, h, positions, slots, mask, ctx_len, w)
+        if layers and layers[-1] == n - 1:
+            if logits_index is not None:
+                h = h[torch.arange(h.shape[0], device=h.device), logits_index.to(h.device)][:, None]
+            return self.head(h.to(self.weights.output_norm.device))
+        return h

@@ -1,0 +1,217 @@
+"""Model weights on their devices, quantized blocks kept as they are in the GGUF, loaded tensor by
+tensor from the memory-mapped file so host memory never holds more than one tensor's copy."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+
+from pipellm_core.gguf.dequant import check_supported, dequantize
+from pipellm_core.model.load_plan import LoadPlan
+from pipellm_core.gguf.model_file import ModelFile, TensorInfo
+from pipellm_core.progress import progress_bar
+
+
+@dataclass
+class QuantizedMatrix:
+    """A [rows, cols] matrix stored as GGUF blocks (uint8 [rows, bytes per row])."""
+
+    raw: torch.Tensor
+    qtype: T
+    rows: int
+    cols: int
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize(self.raw, self.qtype, self.cols, dtype)
+
+    def rows_dequantized(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize(self.raw[ids.reshape(-1)], self.qtype, self.cols, dtype).reshape(*ids.shape, self.cols)
+
+    def to(self, device) -> "QuantizedMatrix":
+        return QuantizedMatrix(self.raw.to(device, non_blocking=True), self.qtype, self.rows, self.cols)
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.numel()
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor
+    wq: QuantizedMatrix
+    wk: QuantizedMatrix
+    wv: QuantizedMatrix
+    wo: QuantizedMatrix
+    ffn_norm: torch.Tensor
+    w_gate: QuantizedMatrix
+    w_up: QuantizedMatrix
+    w_down: QuantizedMatrix
+    bq: torch.Tensor | None = None
+    bk: torch.Tensor | None = None
+    bv: torch.Tensor | None = None
+    host: "HostLayer | None" = field(default=None, repr=False, compare=False)  # set on streamed layers
+
+    def tensors(self) -> dict[str, object]:
+        return {k: v for k, v in vars(self).items() if v is not None and k != "host"}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.nbytes if isinstance(v, QuantizedMatrix) else v.numel() * v.element_size()
+                   for v in self.tensors().values())
+
+
+ALIGN = 256  # byte alignment of each tensor inside a packed layer (any dtype's, and the GPU's copy engines')
+
+
+def aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+def packed_bytes(info: TensorInfo) -> int:
+    """Room one tensor takes in a packed layer: vectors (norms, biases) are kept in float32,
+    matrices as their blocks."""
+    return aligned(info.nbytes if len(info.shape) > 1 else 4 * int(info.shape[0]))
+
+
+def packed_layer_bytes(tensors: dict[str, TensorInfo], layer: int) -> int:
+    """Bytes of layer `layer` packed into one buffer (`HostLayer`), from the tensor table alone."""
+    prefix = f"blk.{layer}."
+    return sum(packed_bytes(info) for name, info in tensors.items() if name.startswith(prefix))
+
+
+@dataclass
+class TensorSlot:
+    """Where one tensor of a packed layer sits: its byte range and how to view it."""
+
+    name: str
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    qtype: T | None = None  # a QuantizedMatrix's type (then shape is its raw [rows, bytes per row])
+    rows: int = 0
+    cols: int = 0
+
+
+class HostLayer:
+    """A layer's weights packed into one buffer of host memory (pinned when CUDA is there), so
+    that bringing the layer to a GPU is one copy; `view(buffer)` gives the layer over any buffer
+    of the same layout, such as a staging slot on the GPU."""
+
+    def __init__(self, buffer: torch.Tensor, layout: list[TensorSlot]):
+        self.buffer, self.layout = buffer, layout
+        self.weights = self.view(buffer)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.buffer.numel())
+
+    @classmethod
+    def pack(cls, lw: LayerWeights) -> "HostLayer":
+        layout, offset = [], 0
+        for name, v in lw.tensors().items():
+            t = v.raw if isinstance(v, QuantizedMatrix) else v
+            n = t.numel() * t.element_size()
+            q = (v.qtype, v.rows, v.cols) if isinstance(v, QuantizedMatrix) else (None, 0, 0)
+            layout.append(TensorSlot(name, offset, n, t.dtype, tuple(t.shape), *q))
+            offset += aligned(n)
+        buffer = torch.empty(offset, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+        for slot, v in zip(layout, lw.tensors().values()):
+            t = v.raw if isinstance(v, QuantizedMatrix) else v
+            buffer[slot.offset: slot.offset + slot.nbytes].copy_(t.contiguous().reshape(-1).view(torch.uint8))
+        return cls(buffer, layout)
+
+    def view(self, buffer: torch.Tensor) -> LayerWeights:
+        parts = {}
+        for s in self.layout:
+            t = buffer[s.offset: s.offset + s.nbytes].view(s.dtype).reshape(s.shape)
+            parts[s.name] = QuantizedMatrix(t, s.qtype, s.rows, s.cols) if s.qtype is not None else t
+        lw = LayerWeights(**parts)
+        lw.host = self
+        return lw
+
+
+@dataclass
+class ModelWeights:
+    token_embd: QuantizedMatrix
+    layers: list[LayerWeights]
+    output_norm: torch.Tensor
+    output: QuantizedMatrix  # the embedding itself when the head is tied
+    rope_freqs: torch.Tensor | None = None
+    layer_devices: list[torch.device] = field(default_factory=list)
+
+
+def _host_bytes(info: TensorInfo) -> torch.Tensor:
+    """The tensor's bytes as a uint8 [rows, bytes per row] view of the mapping (no copy)."""
+    data = np.asarray(info.data).view(np.uint8)
+    rows = info.shape[0] if len(info.shape) > 1 else 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the mapping is read-only; torch warns, but we only read
+        return torch.from_numpy(data.reshape(rows, -1))
+
+
+def _matrix(info: TensorInfo, device) -> QuantizedMatrix:
+    check_supported(info.qtype, info.name)
+    rows, cols = (info.shape if len(info.shape) == 2 else (1, info.shape[0]))
+    raw = _host_bytes(info)
+    # on the CPU the blocks are used straight from the file's mapping (read-only, never written)
+    raw = raw if torch.device(device).type == "cpu" else raw.to(device)
+    return QuantizedMatrix(raw, info.qtype, rows, cols)
+
+
+def _vector(info: TensorInfo, device) -> torch.Tensor:
+    check_supported(info.qtype, info.name)
+    cols = info.shape[-1]
+    return dequantize(_host_bytes(info), info.qtype, cols).reshape(-1).to(device)
+
+
+def load_weights(mf: ModelFile, plan: LoadPlan, progress: bool = True) -> ModelWeights:
+    """Copy every tensor to the device the plan gives it; a streamed (not resident) layer is packed
+    into one buffer of host memory, pinned when CUDA is there (`LayerWeights.host`)."""
+    t = mf.tensors
+    for info in t.values():
+        check_supported(info.qtype, info.name)
+    total = sum(info.nbytes for info in t.values())
+    bar = progress_bar(total=total, desc="loading", unit="B", unit_scale=True, enabled=progress)
+
+    def take(name, make, device):
+        out = make(t[name], device)
+        bar.update(t[name].nbytes)
+        return out
+
+    embd_dev = plan.embedding_device
+    token_embd = take("token_embd.weight", _matrix, embd_dev)
+    layers = []
+    for i in range(mf.config.n_layers):
+        p = plan.layers[i]
+        dev = p.device if p.resident else "cpu"
+        get = lambda suffix, make: take(f"blk.{i}.{suffix}", make, dev)  # noqa: E731
+        opt = lambda suffix: take(f"blk.{i}.{suffix}", _vector, dev) if f"blk.{i}.{suffix}" in t else None  # noqa: E731
+        lw = LayerWeights(
+            attn_norm=get("attn_norm.weight", _vector),
+            wq=get("attn_q.weight", _matrix), wk=get("attn_k.weight", _matrix),
+            wv=get("attn_v.weight", _matrix), wo=get("attn_output.weight", _matrix),
+            ffn_norm=get("ffn_norm.weight", _vector),
+            w_gate=get("ffn_gate.weight", _matrix), w_up=get("ffn_up.weight", _matrix),
+            w_down=get("ffn_down.weight", _matrix),
+            bq=opt("attn_q.bias"), bk=opt("attn_k.bias"), bv=opt("attn_v.bias"),
+        )
+        if not p.resident:
+            lw = HostLayer.pack(lw).weights
+        layers.append(lw)
+    head_dev = plan.head_device
+    output_norm = take("output_norm.weight", _vector, head_dev)
+    if "output.weight" in t:
+        output = take("output.weight", _matrix, head_dev)
+    elif torch.device(head_dev) == torch.device(embd_dev):
+        output = token_embd
+    else:
+        output = _matrix(t["token_embd.weight"], head_dev)
+    rope_freqs = take("rope_freqs.weight", _vector, "cpu") if "rope_freqs.weight" in t else None
+    bar.close()
+    return ModelWeights(token_embd, layers, output_norm, output, rope_freqs,
+                        [torch.device(plan.layers[i].device) for i in range(mf.config.n_layers)])

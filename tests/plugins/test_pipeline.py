@@ -1,0 +1,102 @@
+"""The pipeline plugin on the sim backend with two virtual GPUs: the split of layers, the
+fill-and-drain schedule, the same greedy tokens as one device (alone and with graphs, whose
+per-stage steps are captured per GPU), and two GPUs busy at the same time."""
+
+import warnings
+
+import pytest
+from gguf import GGMLQuantizationType as T
+
+import pipellm_graphs
+from pipellm_core.runtime.engine import Engine
+from pipellm_core.errors import PluginError
+from pipellm_core.runtime.request import Request
+from pipellm_core.runtime.sampling import SamplingParams
+from pipellm_core.runtime.step import StepBatch
+from pipellm_core.gguf.synthetic import Shape, write_random_gguf
+from pipellm_pipeline.split import micro_batch_rows, pipeline_schedule, split_layers
+
+SIX_LAYERS = Shape("llama", 6, 64, 128, 4, 2, 2048)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, smollm2_path):
+    path = tmp_path_factory.mktemp("pipeline") / "six-layers-q4.gguf"
+    return write_random_gguf(str(path), SIX_LAYERS, T.Q4_0, tokenizer_from=smollm2_path, std=0.3, seed=9)
+
+
+def generate(path, **engine_kw):
+    """Four sequences decoding together; two finish early, so the batch shrinks."""
+    engine = Engine(path, max_batch=4, ctx_size=512, progress=False, **engine_kw)
+    reqs = [Request(list(range(100, 100 + n)), m, SamplingParams(temperature=0), ignore_eos=True)
+            for n, m in ((40, 10), (7, 4), (20, 10), (12, 6))]
+    for _ in engine.generate(reqs):
+        pass
+    return [r.generated for r in reqs], engine
+
+
+def test_layers_split_into_contiguous_stages_of_equal_bytes():
+    assert split_layers([1] * 6, 2) == [0, 0, 0, 1, 1, 1]
+    assert split_layers([1] * 6, 3) == [0, 0, 1, 1, 2, 2]
+    assert split_layers([5, 1, 1, 1, 1, 1], 2) == [0, 1, 1, 1, 1, 1]
+    assert split_layers([1] * 4, 4) == [0, 1, 2, 3]
+    # uneven layers: every stage still gets at least one, in order
+    assert split_layers([1, 1, 1, 100], 3) == [0, 0, 1, 2]
+    assert split_layers([34, 58, 43, 95], 4) == [0, 1, 2, 3]
+    assert micro_batch_rows(32, 2) == [(0, 16), (16, 32)]
+    assert micro_batch_rows(3, 2) == [(0, 2), (2, 3)] and micro_batch_rows(1, 4) == [(0, 1)]
+
+
+def test_fill_and_drain_ticks():
+    import torch
+    b = StepBatch(torch.arange(4), torch.zeros(4, dtype=torch.long), torch.arange(4), 512)
+    s = pipeline_schedule(b, n_stages=2, n_micro=2)
+    assert [len(m) for m in s.micro_batches] == [2, 2]
+    assert s.ticks == [[(0, 0)], [(1, 0), (0, 1)], [(1, 1)]]
+
+
+def test_pipeline_gives_the_one_device_tokens(model):
+    one, _ = generate(model, sim="h100")
+    two, engine = generate(model, sim="h100", sim_devices=2, plugins=["pipeline"],
+                           plugin_options={"pipeline.micro_batches": 2})
+    assert two == one
+    assert [p.stage for p in engine.plan.layers] == [0, 0, 0, 1, 1, 1]
+    held = [d.allocated_bytes for d in engine.sim.devices]
+    assert all(h > 0 for h in held)  # weights and KV cache on both GPUs
+    assert engine.sim.device(1).peak_bytes > 0
+    plain, engine = generate(model, sim="h100", sim_devices=2, plugins=["pipeline"])  # default: 1 micro-batch
+    assert plain == one
+
+
+def test_pipeline_composes_with_graphs(model):
+    one, _ = generate(model, sim="h100")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        both, engine = generate(model, sim="h100", sim_devices=2, plugins=["pipeline", "graphs"],
+                                plugin_options={"pipeline.micro_batches": 2})
+    assert both == one
+    runner = pipellm_graphs.runner_of(engine)
+    stages = {key[0] for key, g in runner.graphs.items() if g is not None}
+    assert stages == {0, 1} and runner.eager_fallbacks == 0
+    assert set(runner.pools) == {0, 1}  # each GPU's graphs in that GPU's pool
+    # each stage's graph runs on its own GPU, and the two GPUs work at the same time
+    spans = {0: [], 1: []}
+    for e in engine.sim.trace.events():
+        if e.get("ph") == "X" and e["name"].startswith("graph") and e["pid"] in spans:
+            spans[e["pid"]].append((e["ts"], e["ts"] + e["dur"]))
+    assert spans[0] and spans[1]
+    assert any(a0 < b1 and a1 < b0 for a0, b0 in spans[0] for a1, b1 in spans[1])
+
+
+def test_bad_stage_counts(model):
+    with pytest.raises(PluginError, match="3 stages asked for, but 2 GPU"):
+        Engine(model, sim="h100", sim_devices=2, plugins=["pipeline"], progress=False,
+               plugin_options={"pipeline.stages": 3})
+    with pytest.raises(PluginError, match="not supported yet"):
+        Engine(model, sim="h100", sim_devices=2, plugins=["pipeline", "prefetch"], progress=False,
+               plugin_options={"prefetch.resident_layers": 2})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine = Engine(model, plugins=["pipeline"], progress=False)
+    assert any("pipeline" in str(w.message) for w in caught)
+    assert len(engine.plan.stages) == 1
