@@ -7,11 +7,13 @@ from pathlib import Path
 
 from gguf import GGMLQuantizationType as T
 
-from pipellm_core.gguf.synthetic import write_random_gguf
+from pipellm_core.gguf.synthetic import q4_k_m_mix, write_random_gguf
 
 MODELS = [
     ("smollm2-135m-q4_1.gguf", "smollm2-135m", T.Q4_1, dict(embedding_type=T.Q8_0)),
     ("llama-8b-q4_0.gguf", "llama-8b", T.Q4_0, dict(embedding_type=T.Q4_0, output_type=T.Q6_K)),
+    ("llama-8b-q4_k_m.gguf", "llama-8b", T.Q4_K,
+     dict(embedding_type=T.Q4_K, output_type=T.Q6_K, layer_types=q4_k_m_mix)),
     ("llama-8b-f16.gguf", "llama-8b", T.F16, {}),
 ]
 

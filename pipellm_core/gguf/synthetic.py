@@ -92,12 +92,25 @@ def copy_tokenizer(writer: GGUFWriter, source: str) -> int:
     return vocab
 
 
+def q4_k_m_mix(name: str, layer: int, n_layers: int) -> T | None:
+    """The type llama.cpp's quantizer gives a layer matrix in a Q4_K_M file where it departs from
+    Q4_K: Q6_K for `attn_v` and `ffn_down` in the first and last eighth of the layers and in
+    every third layer between (its `use_more_bits` rule)."""
+    if name not in ("attn_v", "ffn_down"):
+        return None
+    eighth = n_layers // 8
+    more = layer < eighth or layer >= 7 * n_layers // 8 or (layer - eighth) % 3 == 2
+    return T.Q6_K if more else None
+
+
 def write_random_gguf(path: str, shape: Shape | str, qtype: T = T.Q4_0, *, tokenizer_from: str | None,
                       embedding_type: T | None = None, output_type: T | None = None,
-                      seed: int = 0, std: float = 0.02, progress: bool = False) -> str:
+                      layer_types=None, seed: int = 0, std: float = 0.02, progress: bool = False) -> str:
     """Write a model of `shape` with random weights in `qtype` and a real tokenizer's metadata
     (copied from the GGUF `tokenizer_from`; without one, a placeholder vocabulary of
-    `shape.vocab_size` tokens that only pipellm's file reader, not llama.cpp, accepts)."""
+    `shape.vocab_size` tokens that only pipellm's file reader, not llama.cpp, accepts).
+    `layer_types(name, layer, n_layers)` may give another type for one layer matrix
+    (`q4_k_m_mix` mixes types as a Q4_K_M file does)."""
     from pipellm_core.progress import progress_bar
 
     shape = SHAPES[shape] if isinstance(shape, str) else shape
@@ -127,15 +140,18 @@ def write_random_gguf(path: str, shape: Shape | str, qtype: T = T.Q4_0, *, token
         ("token_embd.weight", embedding_type or qtype, vocab, shape.n_embd, 1.0)]
     for i in range(shape.n_layers):
         p = f"blk.{i}."
+
+        def qt(name):
+            return (layer_types and layer_types(name, i, shape.n_layers)) or qtype
         plan += [(p + "attn_norm.weight", T.F32, 1, shape.n_embd, 0.0),
-                 (p + "attn_q.weight", qtype, shape.n_embd, shape.n_embd, std),
-                 (p + "attn_k.weight", qtype, kv, shape.n_embd, std),
-                 (p + "attn_v.weight", qtype, kv, shape.n_embd, std),
-                 (p + "attn_output.weight", qtype, shape.n_embd, shape.n_embd, std),
+                 (p + "attn_q.weight", qt("attn_q"), shape.n_embd, shape.n_embd, std),
+                 (p + "attn_k.weight", qt("attn_k"), kv, shape.n_embd, std),
+                 (p + "attn_v.weight", qt("attn_v"), kv, shape.n_embd, std),
+                 (p + "attn_output.weight", qt("attn_output"), shape.n_embd, shape.n_embd, std),
                  (p + "ffn_norm.weight", T.F32, 1, shape.n_embd, 0.0),
-                 (p + "ffn_gate.weight", qtype, shape.n_ff, shape.n_embd, std),
-                 (p + "ffn_up.weight", qtype, shape.n_ff, shape.n_embd, std),
-                 (p + "ffn_down.weight", qtype, shape.n_embd, shape.n_ff, std)]
+                 (p + "ffn_gate.weight", qt("ffn_gate"), shape.n_ff, shape.n_embd, std),
+                 (p + "ffn_up.weight", qt("ffn_up"), shape.n_ff, shape.n_embd, std),
+                 (p + "ffn_down.weight", qt("ffn_down"), shape.n_embd, shape.n_ff, std)]
         if shape.arch == "qwen2":
             plan += [(p + "attn_q.bias", T.F32, 1, shape.n_embd, std),
                      (p + "attn_k.bias", T.F32, 1, kv, std),
