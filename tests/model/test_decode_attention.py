@@ -1,0 +1,119 @@
+"""Decode attention read from the cache by slot, against a float64 reference that gathers each
+row's keys and values and takes the softmax, in Triton's interpreter on the CPU (a subprocess:
+the interpreter is chosen when the kernels are defined). On a GPU, the marked test runs real
+sizes.
+
+Cache positions past each row's length hold garbage (keys of 3e4, values of NaN), so a kernel
+that read or weighted them would be caught; `torch.empty` is patched to hand out NaN-filled
+memory, so output or workspace elements left unwritten would show."""
+
+import pytest
+import torch
+
+from tests.model.test_kernels import run_in_interpreter
+
+pytest.importorskip("triton")
+
+BOUND = 2e-3  # relative error (Frobenius norm over the step's output) against float64
+
+CHECK = r"""
+import math, torch
+from pipellm_core.model.kernels import decode_attention as kernel
+
+dev = "{device}"
+bound = BOUND
+_empty = torch.empty
+def poisoned_empty(*args, **kwargs):
+    t = _empty(*args, **kwargs)
+    return t.fill_(float("nan")) if t.is_floating_point() else t
+torch.empty = poisoned_empty
+
+def reference(q, kc, vc, slots, lengths, scale):
+    B, H, D = q.shape
+    G = H // kc.shape[1]
+    out = torch.empty(B, H, D, dtype=torch.float64, device=q.device)
+    for b in range(B):
+        L = int(lengths[b])
+        k = kc[slots[b], :, :L].double().repeat_interleave(G, 0)  # [H, L, D]
+        v = vc[slots[b], :, :L].double().repeat_interleave(G, 0)
+        w = torch.softmax(torch.einsum("hd,hld->hl", q[b].double(), k) * scale, -1)
+        out[b] = torch.einsum("hl,hld->hd", w, v)
+    return out
+
+def check(B, H, KV, D, ctx_len, S, seed, given_workspace):
+    g = torch.Generator().manual_seed(seed)
+    C = ctx_len + 7
+    q = torch.randn(B, H, D, generator=g).half().to(dev)
+    kc = (torch.randn(S, KV, C, D, generator=g) * 2).half()
+    vc = torch.randn(S, KV, C, D, generator=g).half()
+    slots = torch.randperm(S, generator=g)[:B]
+    lengths = torch.randint(1, ctx_len + 1, (B,), generator=g)
+    if B > 1:
+        lengths[0], lengths[-1] = ctx_len, 1
+    garbage = torch.ones(S, dtype=torch.bool)
+    garbage[slots] = False
+    kc[garbage], vc[garbage] = 3e4, float("nan")
+    for b in range(B):
+        kc[slots[b], :, lengths[b]:], vc[slots[b], :, lengths[b]:] = 3e4, float("nan")
+    kc, vc, slots, lengths = kc.to(dev), vc.to(dev), slots.to(dev), lengths.to(dev)
+    scale = 1 / math.sqrt(D)
+    workspace = None
+    if given_workspace:
+        workspace = torch.full((kernel.workspace_size(B, H, D, ctx_len),), float("nan"), device=dev)
+    got = kernel.decode_attention(q, kc, vc, slots, lengths, ctx_len, scale, workspace)
+    again = kernel.decode_attention(q, kc, vc, slots, lengths, ctx_len, scale, workspace)
+    want = reference(q, kc, vc, slots, lengths, scale)
+    err = ((got.double() - want).norm() / want.norm()).item()
+    case = (B, H, KV, D, ctx_len, kernel.split_shape(B, H, ctx_len), lengths.tolist())
+    assert got.shape == (B, H, D) and got.dtype == torch.float16, case
+    assert torch.isfinite(got).all() and err < bound, (case, err)
+    assert torch.equal(got, again), case
+    print(case, f"{{err:.1e}}")
+
+for i, (B, H, KV, D, ctx_len) in enumerate(CASES):
+    check(B, H, KV, D, ctx_len, S=max(5, B + 1), seed=i, given_workspace=i % 2 == 0)
+EXTRA
+print("ok")
+"""
+
+INTERPRETER_CASES = [(B, H, KV, D, ctx) for B in (1, 3) for H, KV in ((4, 4), (8, 2), (9, 3))
+                     for D in (64, 128) for ctx in (16, 100, 300)]
+# head sizes 32 and 96; the merge taking several chunks; splits of one block each
+INTERPRETER_EXTRA = r"""
+for i, (B, H, KV, D, ctx_len) in enumerate([(2, 6, 2, 32, 70), (3, 4, 1, 96, 130)]):
+    check(B, H, KV, D, ctx_len, S=5, seed=100 + i, given_workspace=True)
+kernel.MERGE_CHUNK, kernel.MIN_SPLIT = 2, 64
+for i, (B, H, KV, D, ctx_len) in enumerate([(1, 4, 2, 64, 300), (3, 8, 2, 64, 200)]):
+    assert kernel.split_shape(B, H, ctx_len)[1] > 2
+    check(B, H, KV, D, ctx_len, S=5, seed=200 + i, given_workspace=i == 0)
+"""
+
+GPU_CASES = [(B, 32, 8, 128, ctx) for B in (1, 8, 32) for ctx in (256, 4096)]
+
+
+def check_script(cases, extra: str) -> str:
+    """CHECK for these cases, still to be formatted with the device."""
+    return CHECK.replace("BOUND", repr(BOUND)).replace("CASES", repr(cases)).replace("EXTRA", extra)
+
+
+def test_decode_attention_matches_float64_in_the_interpreter():
+    run_in_interpreter(check_script(INTERPRETER_CASES, INTERPRETER_EXTRA))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_decode_attention_matches_float64_on_cuda():
+    empty = torch.empty  # the check poisons torch.empty for this process: put it back after
+    try:
+        exec(check_script(GPU_CASES, "").format(device="cuda"), {})
+    finally:
+        torch.empty = empty
+
+
+def test_workspace_and_grid_depend_only_on_the_step_shape():
+    from pipellm_core.model.kernels import decode_attention as kernel
+    for B, H, ctx in ((1, 32, 256), (1, 32, 4096), (32, 32, 4096), (3, 9, 300), (1, 4, 16)):
+        split_len, n_splits = kernel.split_shape(B, H, ctx)
+        assert split_len % kernel.BLOCK_N == 0 and (n_splits - 1) * split_len < ctx <= n_splits * split_len
+        assert n_splits == 1 or split_len >= kernel.MIN_SPLIT
+        assert kernel.workspace_size(B, H, 128, ctx) == B * H * n_splits * 130
