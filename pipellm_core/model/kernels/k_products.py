@@ -223,8 +223,8 @@ if triton is not None:
                        w_u8, w_i8, w_i16, w_f16, w_words,
                        QT: tl.constexpr, NB: tl.constexpr, RB: tl.constexpr, G: tl.constexpr,
                        HALVES: tl.constexpr, DOT: tl.constexpr):
-        """Adds the products of unit u of weight rows `rows` to `acc` ([BM, BN] with DOT, else
-        [BM, G, BN]). Weight tiles are [G, BN]: word j of the unit down, rows across."""
+        """Adds the products of unit u of weight rows `rows` to acc [BM, BN]. Weight tiles are
+        [G, BN]: word j of the unit down, rows across."""
         r = rows.to(tl.int64)[None, :]
         ok = n_ok[None, :]
         wj = (u * G + j)[:, None]
@@ -273,7 +273,7 @@ if triton is not None:
             if DOT:
                 acc += tl.dot(xs, w.to(tl.float16))
             else:
-                acc += xs.to(tl.float32)[:, :, None] * w[None, :, :]
+                acc += tl.sum(xs.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
         return acc
 
     @triton.jit
@@ -291,12 +291,8 @@ if triton is not None:
         n_ok = rn < N_OUT
         j = tl.arange(0, G)
         x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
-        if DOT:
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
-            acc_up = tl.zeros((BM, BN), dtype=tl.float32)
-        else:
-            acc = tl.zeros((BM, G, BN), dtype=tl.float32)
-            acc_up = tl.zeros((BM, G, BN), dtype=tl.float32)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_up = tl.zeros((BM, BN), dtype=tl.float32)
         u_start = pid_k * UNITS_PER_SLICE
         u_end = tl.minimum(u_start + UNITS_PER_SLICE, NB * (256 // (8 * G)))
         for u in range(u_start, u_end):
@@ -305,12 +301,8 @@ if triton is not None:
             if SWIGLU:
                 acc_up = _unit_products(acc_up, x_rows, m_ok, j, rn + H, n_ok, u, w_u8, w_i8, w_i16, w_f16,
                                         w_words, QT, NB, RB, G, HALVES, DOT)
-        if DOT:
-            gate = acc
-            up = acc_up
-        else:
-            gate = tl.sum(acc, axis=1)
-            up = tl.sum(acc_up, axis=1)
+        gate = acc
+        up = acc_up
         ok = m_ok[:, None] & n_ok[None, :]
         if PARTIAL:
             n_rows = N_OUT * 2 if SWIGLU else N_OUT
@@ -356,7 +348,7 @@ class Tiles:
     block_n: int
     slices: int  # K split in this many slices (1: no partial buffer)
     units_per_slice: int
-    num_warps: int = 4
+    num_warps: int = 8
     num_stages: int = 2
 
 
