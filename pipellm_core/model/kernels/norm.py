@@ -1,0 +1,133 @@
+"""Residual add, RMSNorm and llama.cpp's 8-bit activation rounding as one Triton kernel.
+
+Each layer of the transformer does, twice: h = h + delta (the float32 residual stream), then
+x = fp16(rms_norm(h) * weight), then, before the quantized products, llama.cpp's rounding of x
+to 8 bits per block of 32 (`activation_rounding._q8_blocks`). In torch that is about twenty
+small kernels per norm; here one program per row reads h and delta once, writes the updated h
+and the rounded x, with the torch expression's numerics: float32 throughout, x * (1 / sqrt(mean
+of squares + eps)) * weight with correctly rounded division and square root, round to fp16,
+then d = amax / 127, q = round-half-even(x * (1 / d)), value q * fp16(d). Only the order of the
+sum of squares differs from torch's.
+
+Why written here: the rounding is llama.cpp's own format, which no library offers for torch,
+and fusing it with the norm is what removes the small kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipellm_core.model import activation_rounding
+from pipellm_core.model.kernels import quant_matmul
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - the torch path serves
+    triton = None
+
+# A row up to this wide is held in registers by its program; wider rows are read in chunks
+# of this size twice (once for the sum of squares, once to normalize).
+MAX_TILE = 8192
+
+
+def supports(h: torch.Tensor, round_q8: bool) -> bool:
+    return (quant_matmul.ENABLED and h.dtype == torch.float32 and h.is_contiguous()
+            and (h.is_cuda or quant_matmul.INTERPRETED) and (not round_q8 or h.shape[-1] % 32 == 0))
+
+
+if triton is not None:
+    @triton.jit
+    def _round_half_even(v):
+        r = tl.floor(v + 0.5)
+        tie = (r - v) == 0.5
+        odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+        return tl.where(tie & odd, r - 1.0, r)
+
+    @triton.jit
+    def _normalize_and_store(x, offs, ok, inv_rms, w_ptr, out_ptr, ROUND_Q8: tl.constexpr):
+        """x [G, 32] (float32, h + delta) -> fp16 rms_norm(x) * weight, optionally q8-rounded."""
+        w = tl.load(w_ptr + offs, mask=ok, other=0.0)
+        y = (x * inv_rms * w).to(tl.float16)
+        if ROUND_Q8:
+            y32 = y.to(tl.float32)
+            d = tl.math.div_rn(tl.max(tl.abs(y32), axis=1), 127.0)
+            inv = tl.where(d > 0, tl.math.div_rn(1.0, tl.where(d > 0, d, 1.0)), 0.0)
+            q = _round_half_even(y32 * inv[:, None])
+            d16 = d.to(tl.float16).to(tl.float32)
+            y = (q * d16[:, None]).to(tl.float16)
+        tl.store(out_ptr + offs, y, mask=ok)
+
+    @triton.jit
+    def _add_rms_norm_kernel(h_ptr, delta_ptr, w_ptr, out_ptr, E, eps,
+                             HAS_DELTA: tl.constexpr, ROUND_Q8: tl.constexpr,
+                             TILE: tl.constexpr, ONE_TILE: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        h_row, out_row = h_ptr + row * E, out_ptr + row * E
+        d_row = delta_ptr + row * E
+        # a tile as [blocks of 32, 32], so that the q8 blocks are reductions over axis 1
+        tile = tl.arange(0, TILE // 32)[:, None] * 32 + tl.arange(0, 32)[None, :]
+        if ONE_TILE:
+            ok = tile < E
+            x = tl.load(h_row + tile, mask=ok, other=0.0)
+            if HAS_DELTA:
+                x = x + tl.load(d_row + tile, mask=ok, other=0.0).to(tl.float32)
+                tl.store(h_row + tile, x, mask=ok)
+            ss = tl.sum(tl.sum(x * x, axis=1), axis=0)
+            inv_rms = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(ss, E.to(tl.float32)) + eps))
+            _normalize_and_store(x, tile, ok, inv_rms, w_ptr, out_row, ROUND_Q8)
+        else:
+            acc = tl.zeros((TILE // 32, 32), tl.float32)
+            for start in range(0, E, TILE):
+                offs = start + tile
+                ok = offs < E
+                x = tl.load(h_row + offs, mask=ok, other=0.0)
+                if HAS_DELTA:
+                    x = x + tl.load(d_row + offs, mask=ok, other=0.0).to(tl.float32)
+                acc += x * x
+            ss = tl.sum(tl.sum(acc, axis=1), axis=0)
+            inv_rms = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(ss, E.to(tl.float32)) + eps))
+            # h is read again, not re-read after being written, so no program reads its own stores
+            for start in range(0, E, TILE):
+                offs = start + tile
+                ok = offs < E
+                x = tl.load(h_row + offs, mask=ok, other=0.0)
+                if HAS_DELTA:
+                    x = x + tl.load(d_row + offs, mask=ok, other=0.0).to(tl.float32)
+                    tl.store(h_row + offs, x, mask=ok)
+                _normalize_and_store(x, offs, ok, inv_rms, w_ptr, out_row, ROUND_Q8)
+
+
+def tile_for(E: int) -> tuple[int, int]:
+    """(tile width, warps) for rows of E values: the whole row up to MAX_TILE, ~16 values a thread."""
+    tile = min(MAX_TILE, max(32, triton.next_power_of_2(E)))
+    return tile, min(8, max(1, tile // 512))
+
+
+def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 round_q8: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    """h [..., E] float32, updated in place to h + delta (delta fp16/fp32 of h's shape, or None:
+    no add). Returns fp16 rms_norm(h) * weight (into `out` when given), then, when round_q8,
+    rounded as llama.cpp rounds activations to 8 bits per block of 32 (E a multiple of 32)."""
+    E = h.shape[-1]
+    if out is None:
+        out = torch.empty(h.shape, dtype=torch.float16, device=h.device)
+    if not supports(h, round_q8):
+        if delta is not None:
+            h.add_(delta)
+        y = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight).to(torch.float16)
+        out.copy_(activation_rounding._q8_blocks(y, 32).to(torch.float16) if round_q8 else y)
+        return out
+    assert out.dtype == torch.float16 and out.is_contiguous() and out.shape == h.shape
+    assert weight.dtype == torch.float32 and weight.shape == (E,)
+    if delta is not None:
+        assert delta.shape == h.shape and delta.dtype in (torch.float16, torch.float32)
+        delta = delta.contiguous()
+    tile, warps = tile_for(E)
+    rows = h.numel() // E
+    with quant_matmul.on_device_of(h):
+        # no fused multiply-adds: each product is rounded on its own, as in torch
+        _add_rms_norm_kernel[(rows,)](h, delta if delta is not None else h, weight.contiguous(), out, E, eps,
+                                      HAS_DELTA=delta is not None, ROUND_Q8=round_q8, TILE=tile,
+                                      ONE_TILE=E <= tile, num_warps=warps, enable_fp_fusion=False)
+    return out
