@@ -298,15 +298,15 @@ def _pow2_at_least(v: int) -> int:
 
 def gemv_tiles(m: int, n_rows: int, words: int) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_W, splits, num_warps) of the decode kernel for m rows of x, n_rows rows
-    of W to compute (h for swiglu) and `words` quant words per row. About 8 words a thread at
-    one row of x (fewer as the per-row sums multiply the registers); narrower row tiles, then
+    of W to compute (h for swiglu) and `words` quant words per row. About 8 words a thread;
+    narrower row tiles, then
     splits over K, until the programs fill the multiprocessors twice over. Measured on an H200
     at M = 1: (8, 128, 1, 4) best for 4096 x 4096 and 4096 x 14336, (4, 256, 1, 8) for
-    1024 x 4096, among BLOCK_N 4..32, BLOCK_W 128/256, splits 1..8, 4 or 8 warps."""
-    block_m = _pow2_at_least(m)
-    num_warps = 4
+    1024 x 4096, among BLOCK_N 4..32, BLOCK_W 128/256, splits 1..8, 4 or 8 warps; at M = 8,
+    (16, 128, 1, 8) for 4096 x 4096 and (16, 64, 1, 4) for 4096 x 14336 (earlier sweep)."""
+    num_warps = 4 if m == 1 else 8
     block_w = min(128, max(32, _pow2_at_least(words)))
-    words_per_thread = max(1, 8 // block_m)
+    words_per_thread = 8
     block_n = max(2, words_per_thread * 32 * num_warps // block_w)
     while block_n > 2 and -(-n_rows // block_n) < 2 * SMS:
         block_n //= 2
