@@ -56,11 +56,15 @@ def random_blocks(qtype: T, n_blocks: int, rng: np.random.Generator, scale: floa
     """Random blocks of `qtype` ([n_blocks, bytes per block], uint8) with sane fp16 scales."""
     size = GGML_QUANT_SIZES[qtype][1]
     blocks = rng.integers(0, 256, size=(n_blocks, size), dtype=np.uint8)
-    for off in SCALE_FIELDS[qtype]:
-        d = (rng.uniform(0.5, 1.5, n_blocks) * scale).astype(np.float16)
-        if off and qtype in (T.Q4_1, T.Q5_1):
-            d = -d * 8  # a min that centres the block on zero
-        blocks[:, off:off + 2] = d.view(np.uint8).reshape(n_blocks, 2)
+    fields = SCALE_FIELDS[qtype]
+    d = (rng.uniform(0.5, 1.5, n_blocks) * scale).astype(np.float16)
+    blocks[:, fields[0]:fields[0] + 2] = d.view(np.uint8).reshape(n_blocks, 2)
+    if len(fields) > 1:
+        # a min that centres the block on zero: -8 steps (Q4_1), -16 (Q5_1); the K types
+        # subtract dmin times a 6-bit (Q2_K: 4-bit) min whose mean equals their scales' mean
+        centre = {T.Q4_1: -8, T.Q5_1: -16, T.Q2_K: 1.5, T.Q4_K: 7.5, T.Q5_K: 15.5}[qtype]
+        m = (d.astype(np.float32) * centre).astype(np.float16)
+        blocks[:, fields[1]:fields[1] + 2] = m.view(np.uint8).reshape(n_blocks, 2)
     return blocks
 
 
@@ -71,7 +75,9 @@ def _random_tensor(qtype: T, rows: int, cols: int, rng, std: float) -> np.ndarra
         return (rng.standard_normal((rows, cols), dtype=np.float32) * std).astype(np.float16)
     block = GGML_QUANT_SIZES[qtype][0]
     # spread of a block's values is about 4.6 steps (4-bit), 74 (8-bit): pick the step from std
-    step = std / {T.Q8_0: 74.0, T.Q6_K: 18.0, T.Q5_0: 9.2, T.Q5_1: 9.2, T.Q5_K: 9.2}.get(qtype, 4.6)
+    # (the K types' sub-block scales, random bytes, multiply a step by about their mean)
+    step = std / {T.Q8_0: 74.0, T.Q5_0: 9.2, T.Q5_1: 9.2, T.Q4_K: 150.0, T.Q5_K: 290.0,
+                  T.Q6_K: 1370.0, T.Q2_K: 10.0}.get(qtype, 4.6)
     blocks = random_blocks(qtype, rows * cols // block, rng, step)
     return blocks.reshape(rows, -1)
 

@@ -40,8 +40,13 @@ def _q8_k(x: torch.Tensor) -> torch.Tensor:
     return (q * d).reshape(shape)
 
 
+def rounds_to_q8(qtype: T, device_kind: str) -> bool:
+    """Whether llama.cpp rounds activations to 8-bit blocks of 32 before a product with `qtype`."""
+    return qtype in _Q8_32 or (qtype in _K and device_kind == "cuda")
+
+
 def round_like_llamacpp(x: torch.Tensor, qtype: T, device_kind: str) -> torch.Tensor:
-    if qtype in _Q8_32 or (qtype in _K and device_kind == "cuda"):
+    if rounds_to_q8(qtype, device_kind):
         if activation_q8.supports(x):
             return activation_q8.round_q8_blocks(x)  # the same numbers in one kernel
         return _q8_blocks(x, 32).to(x.dtype)

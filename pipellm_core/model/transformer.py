@@ -12,10 +12,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from pipellm_core.model.activation_rounding import round_like_llamacpp
-from pipellm_core.model.kernels import quant_matmul
 from pipellm_core.gguf.model_file import ModelConfig
-from pipellm_core.model.weights import LayerWeights, ModelWeights, QuantizedMatrix
+from pipellm_core.model import fused_decode
+from pipellm_core.model.linear import linear
+from pipellm_core.model.weights import LayerWeights, ModelWeights
 
 
 class KVCache:
@@ -87,17 +87,6 @@ def grouped_query_attention(q, keys, values, mask):
     return out.reshape(B, kv, G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H, D)
 
 
-def linear(x: torch.Tensor, w: QuantizedMatrix, bias: torch.Tensor | None = None) -> torch.Tensor:
-    x = round_like_llamacpp(x, w.qtype, x.device.type)
-    if quant_matmul.supports(x, w.qtype):
-        y = quant_matmul.block_matmul(x, w.raw, w.qtype, w.rows, w.cols)
-    elif quant_matmul.supports_dense(x):
-        y = quant_matmul.dense_matmul(x, w.dequantize(x.dtype))
-    else:
-        y = x @ w.dequantize(x.dtype).t()
-    return y + bias.to(y.dtype) if bias is not None else y
-
-
 class Transformer:
     """The model's forward pass. Matrix products run in `dtype`; the residual stream between
     them stays in float32, as llama.cpp keeps it (an fp16 residual overflows on models whose
@@ -125,6 +114,8 @@ class Transformer:
         """One block on h [B, T, n_embd] (float32); writes this step's keys/values into the cache."""
         c, w = self.config, w or self.weights.layers[i]
         B, T, _ = h.shape
+        if T == 1 and fused_decode.applies(c, w, h):
+            return fused_decode.layer(self, i, h, positions, slots, ctx_len, w)
         x = rms_norm(h, w.attn_norm, c.rms_eps).to(self.dtype)
         q = linear(x, w.wq, w.bq).view(B, T, c.n_heads, c.head_dim)
         k = linear(x, w.wk, w.bk).view(B, T, c.n_kv_heads, c.head_dim)
@@ -143,6 +134,8 @@ class Transformer:
         return h + linear(F.silu(linear(x, w.w_gate)) * linear(x, w.w_up), w.w_down).to(h.dtype)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
+        if fused_decode.norm_applies(h, self.dtype):
+            return fused_decode.head(self, h)
         h = rms_norm(h, self.weights.output_norm, self.config.rms_eps).to(self.dtype)
         return linear(h, self.weights.output).float()
 

@@ -11,32 +11,62 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from pipellm_core.gguf.dequant import check_supported, dequantize
-from pipellm_core.model.load_plan import LoadPlan
 from pipellm_core.gguf.model_file import ModelFile, TensorInfo
+from pipellm_core.model.kernels import products
+from pipellm_core.model.load_plan import LoadPlan
 from pipellm_core.progress import progress_bar
 
 
 @dataclass
 class QuantizedMatrix:
-    """A [rows, cols] matrix stored as GGUF blocks (uint8 [rows, bytes per row])."""
+    """A [rows, cols] matrix stored as GGUF blocks (uint8 [rows, bytes per row]), in the file's
+    layout or rearranged for the GPU kernels (`products.KERNEL_LAYOUT`: the same bytes per row)."""
 
     raw: torch.Tensor
     qtype: T
     rows: int
     cols: int
+    layout: str = products.GGUF_LAYOUT
+
+    def _decode(self, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.layout == products.KERNEL_LAYOUT:
+            return products.dequantize(raw, self.qtype, self.cols, dtype)
+        return dequantize(raw, self.qtype, self.cols, dtype)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return dequantize(self.raw, self.qtype, self.cols, dtype)
+        return self._decode(self.raw, dtype)
 
     def rows_dequantized(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return dequantize(self.raw[ids.reshape(-1)], self.qtype, self.cols, dtype).reshape(*ids.shape, self.cols)
+        return self._decode(self.raw[ids.reshape(-1)], dtype).reshape(*ids.shape, self.cols)
 
     def to(self, device) -> "QuantizedMatrix":
-        return QuantizedMatrix(self.raw.to(device, non_blocking=True), self.qtype, self.rows, self.cols)
+        return QuantizedMatrix(self.raw.to(device, non_blocking=True), self.qtype, self.rows, self.cols, self.layout)
+
+    def for_kernels(self) -> "QuantizedMatrix":
+        """This matrix in the kernels' layout (a copy), where its type has one."""
+        if self.layout == products.KERNEL_LAYOUT or products.layout_for(self.qtype, self.raw.device) != products.KERNEL_LAYOUT:
+            return self
+        return QuantizedMatrix(products.to_kernel_layout(self.raw, self.qtype), self.qtype, self.rows, self.cols,
+                               products.KERNEL_LAYOUT)
 
     @property
     def nbytes(self) -> int:
         return self.raw.numel()
+
+
+def joined(parts: list[QuantizedMatrix]) -> tuple[QuantizedMatrix, list[QuantizedMatrix]] | None:
+    """Matrices of one type stacked by rows into one (so one product computes them all), and
+    each part again as a view of its rows; None where types, widths or layouts differ."""
+    first = parts[0]
+    if any((p.qtype, p.cols, p.layout) != (first.qtype, first.cols, first.layout) for p in parts):
+        return None
+    raw = torch.cat([p.raw for p in parts])
+    whole = QuantizedMatrix(raw, first.qtype, sum(p.rows for p in parts), first.cols, first.layout)
+    views, row = [], 0
+    for p in parts:
+        views.append(QuantizedMatrix(raw[row: row + p.rows], p.qtype, p.rows, p.cols, p.layout))
+        row += p.rows
+    return whole, views
 
 
 @dataclass
@@ -54,9 +84,30 @@ class LayerWeights:
     bk: torch.Tensor | None = None
     bv: torch.Tensor | None = None
     host: "HostLayer | None" = field(default=None, repr=False, compare=False)  # set on streamed layers
+    # q, k and v stacked into one matrix (wq, wk, wv are then views of its rows), and gate over up
+    wqkv: QuantizedMatrix | None = field(default=None, repr=False, compare=False)
+    bqkv: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    w_gate_up: QuantizedMatrix | None = field(default=None, repr=False, compare=False)
+
+    JOINED = ("host", "wqkv", "bqkv", "w_gate_up")
 
     def tensors(self) -> dict[str, object]:
-        return {k: v for k, v in vars(self).items() if v is not None and k != "host"}
+        """Each tensor once: the joined matrices are left out, their parts are views of them."""
+        return {k: v for k, v in vars(self).items() if v is not None and k not in self.JOINED}
+
+    def join_for_kernels(self) -> None:
+        """Stack q/k/v and gate/up where their types agree, for one product each."""
+        qkv = joined([self.wq, self.wk, self.wv])
+        if qkv is not None:
+            self.wqkv, (self.wq, self.wk, self.wv) = qkv
+            if self.bq is not None:
+                self.bqkv = torch.cat([self.bq, self.bk, self.bv])
+                self.bq, self.bk, self.bv = (self.bqkv[: self.wq.rows],
+                                             self.bqkv[self.wq.rows: self.wq.rows + self.wk.rows],
+                                             self.bqkv[self.wq.rows + self.wk.rows:])
+        gate_up = joined([self.w_gate, self.w_up])
+        if gate_up is not None:
+            self.w_gate_up, (self.w_gate, self.w_up) = gate_up
 
     @property
     def nbytes(self) -> int:
@@ -95,6 +146,7 @@ class TensorSlot:
     qtype: T | None = None  # a QuantizedMatrix's type (then shape is its raw [rows, bytes per row])
     rows: int = 0
     cols: int = 0
+    layout: str = products.GGUF_LAYOUT
 
 
 class HostLayer:
@@ -116,7 +168,7 @@ class HostLayer:
         for name, v in lw.tensors().items():
             t = v.raw if isinstance(v, QuantizedMatrix) else v
             n = t.numel() * t.element_size()
-            q = (v.qtype, v.rows, v.cols) if isinstance(v, QuantizedMatrix) else (None, 0, 0)
+            q = (v.qtype, v.rows, v.cols, v.layout) if isinstance(v, QuantizedMatrix) else (None, 0, 0)
             layout.append(TensorSlot(name, offset, n, t.dtype, tuple(t.shape), *q))
             offset += aligned(n)
         buffer = torch.empty(offset, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
@@ -129,7 +181,7 @@ class HostLayer:
         parts = {}
         for s in self.layout:
             t = buffer[s.offset: s.offset + s.nbytes].view(s.dtype).reshape(s.shape)
-            parts[s.name] = QuantizedMatrix(t, s.qtype, s.rows, s.cols) if s.qtype is not None else t
+            parts[s.name] = QuantizedMatrix(t, s.qtype, s.rows, s.cols, s.layout) if s.qtype is not None else t
         lw = LayerWeights(**parts)
         lw.host = self
         return lw
@@ -154,13 +206,18 @@ def _host_bytes(info: TensorInfo) -> torch.Tensor:
         return torch.from_numpy(data.reshape(rows, -1))
 
 
-def _matrix(info: TensorInfo, device) -> QuantizedMatrix:
+def _matrix(info: TensorInfo, device, computed_on=None) -> QuantizedMatrix:
+    """The matrix on `device`, in the layout of the device that computes with it (`computed_on`,
+    by default `device`: a streamed layer is stored on the host but computed on a GPU)."""
     check_supported(info.qtype, info.name)
     rows, cols = (info.shape if len(info.shape) == 2 else (1, info.shape[0]))
     raw = _host_bytes(info)
     # on the CPU the blocks are used straight from the file's mapping (read-only, never written)
     raw = raw if torch.device(device).type == "cpu" else raw.to(device)
-    return QuantizedMatrix(raw, info.qtype, rows, cols)
+    m = QuantizedMatrix(raw, info.qtype, rows, cols)
+    if products.layout_for(info.qtype, computed_on or device) == products.KERNEL_LAYOUT:
+        m = QuantizedMatrix(products.to_kernel_layout(raw, info.qtype), info.qtype, rows, cols, products.KERNEL_LAYOUT)
+    return m
 
 
 def _vector(info: TensorInfo, device) -> torch.Tensor:
@@ -189,19 +246,22 @@ def load_weights(mf: ModelFile, plan: LoadPlan, progress: bool = True) -> ModelW
     for i in range(mf.config.n_layers):
         p = plan.layers[i]
         dev = p.device if p.resident else "cpu"
+        matrix = lambda info, device: _matrix(info, device, p.device)  # noqa: E731
         get = lambda suffix, make: take(f"blk.{i}.{suffix}", make, dev)  # noqa: E731
         opt = lambda suffix: take(f"blk.{i}.{suffix}", _vector, dev) if f"blk.{i}.{suffix}" in t else None  # noqa: E731
         lw = LayerWeights(
             attn_norm=get("attn_norm.weight", _vector),
-            wq=get("attn_q.weight", _matrix), wk=get("attn_k.weight", _matrix),
-            wv=get("attn_v.weight", _matrix), wo=get("attn_output.weight", _matrix),
+            wq=get("attn_q.weight", matrix), wk=get("attn_k.weight", matrix),
+            wv=get("attn_v.weight", matrix), wo=get("attn_output.weight", matrix),
             ffn_norm=get("ffn_norm.weight", _vector),
-            w_gate=get("ffn_gate.weight", _matrix), w_up=get("ffn_up.weight", _matrix),
-            w_down=get("ffn_down.weight", _matrix),
+            w_gate=get("ffn_gate.weight", matrix), w_up=get("ffn_up.weight", matrix),
+            w_down=get("ffn_down.weight", matrix),
             bq=opt("attn_q.bias"), bk=opt("attn_k.bias"), bv=opt("attn_v.bias"),
         )
         if not p.resident:
             lw = HostLayer.pack(lw).weights
+        elif products.runs_here(dev):
+            lw.join_for_kernels()
         layers.append(lw)
     head_dev = plan.head_device
     output_norm = take("output_norm.weight", _vector, head_dev)

@@ -1,0 +1,33 @@
+"""One matrix product of the model, by whichever path serves its weights here: the kernels of
+the weights' layout on the GPU, the older block kernels, or the torch path (dequantize, then
+multiply), after the activation rounding llama.cpp applies for the weights' type."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pipellm_core.model.activation_rounding import round_like_llamacpp
+from pipellm_core.model.kernels import products, quant_matmul
+from pipellm_core.model.weights import QuantizedMatrix
+
+
+def linear(x: torch.Tensor, w: QuantizedMatrix, bias: torch.Tensor | None = None, *,
+           rounded: bool = False, swiglu: bool = False) -> torch.Tensor:
+    """x @ w.T (+ bias), after llama.cpp's rounding of x for w's type unless x is `rounded`
+    already. With `swiglu`, w stacks gate over up and the result is silu(gate) * up (in the
+    product's epilogue where the kernels run)."""
+    if not rounded:
+        x = round_like_llamacpp(x, w.qtype, x.device.type)
+    if w.layout == products.KERNEL_LAYOUT:
+        y = products.matmul(x, w.raw, w.qtype, w.rows, w.cols, swiglu=swiglu)
+    elif swiglu:
+        gate, up = linear(x, w, rounded=True).chunk(2, dim=-1)
+        y = F.silu(gate) * up
+    elif quant_matmul.supports(x, w.qtype):
+        y = quant_matmul.block_matmul(x, w.raw, w.qtype, w.rows, w.cols)
+    elif quant_matmul.supports_dense(x):
+        y = quant_matmul.dense_matmul(x, w.dequantize(x.dtype))
+    else:
+        y = x @ w.dequantize(x.dtype).t()
+    return y + bias.to(y.dtype) if bias is not None else y
