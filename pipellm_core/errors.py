@@ -31,3 +31,7 @@ class SimOutOfMemoryError(PipeLLMError):
 
 class HazardError(PipeLLMError):
     """Simulated streams used a buffer without an event ordering the accesses."""
+
+
+class LlamaCppError(PipeLLMError, RuntimeError):
+    """llama.cpp failed: it could not load a file or decode, or its worker process died."""

@@ -13,6 +13,7 @@ from pipellm_core.frontends.llm import open_backend
 from pipellm_core.gguf.model_file import ModelFile
 from pipellm_core.hooks.manager import parse_plugin_list
 from pipellm_core.progress import progress_bar
+from pipellm_core.runtime.device_choice import choose_device
 
 
 def _peak_memory(device: str, backend) -> dict:
@@ -42,13 +43,15 @@ def _device_label(backend: str, device: str, options: dict) -> str:
 
 
 def ablate(model: str | None = None, plugin_sets=([],), *, backend: str = "torch",
-           device: str = "cpu", batch: int = 1, prompt_tokens: int = 128, n_predict: int = 128,
+           device: str | None = None, batch: int = 1, prompt_tokens: int = 128, n_predict: int = 128,
            repeats: int = 3, warmup: int = 1, baseline: str | None = None,
            baseline_gpu_layers: int | None = None, progress: bool = True, **engine_options) -> list[dict]:
     """Measure decode speed for each plugin set on `backend` (plus `baseline="llamacpp"` as a
     row measured in the same run, with `baseline_gpu_layers` of its layers on the GPU if given). Each row: plugins, tok/s, ms/step, weight GB/s, peak memory
     per device, and `same_tokens` (greedy tokens equal to the first plugin set's).
-    `engine_options` go to the engine of every plugin set (`sim_profile`, `plugin_options`)."""
+    `engine_options` go to the engine of every plugin set (`sim_profile`, `plugin_options`).
+    `device` None or "auto": CUDA where torch sees a GPU, else the CPU ($PIPELLM_DEVICE first)."""
+    device = choose_device(device, backend)
     path = model or default_model_path()
     weight_bytes = ModelFile(path).decode_weight_bytes()
     runs = [(backend, parse_plugin_list(p)) for p in plugin_sets]

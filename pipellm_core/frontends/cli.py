@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--backend", choices=("torch", "sim", "llamacpp"), default=_env("PIPELLM_BACKEND", "torch"),
                      help="torch: pipellm's engine (default); sim: the engine on a simulated GPU "
                           "(math on the CPU, virtual time); llamacpp: llama.cpp on the same file")
-    run.add_argument("--device", default=_env("PIPELLM_DEVICE", "cpu"), help="cpu or cuda (default cpu)")
+    run.add_argument("--device", default=_env("PIPELLM_DEVICE", "auto"),
+                     help="auto, cpu or cuda (default auto: cuda where torch sees a GPU, else cpu)")
     run.add_argument("--plugins", default=_env("PIPELLM_PLUGINS", ""),
                      help="comma-separated plugins to enable (see `pipellm plugins`)")
     _add_engine_options(run)
@@ -79,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="llama.cpp baseline: layers on the GPU (its --n-gpu-layers; default all)")
     bench.add_argument("--backend", choices=("torch", "sim"), default="torch",
                        help="backend of the plugin sets: torch (default) or sim (virtual time)")
-    bench.add_argument("--device", default=_env("PIPELLM_DEVICE", "cpu"), help="cpu or cuda (default cpu)")
+    bench.add_argument("--device", default=_env("PIPELLM_DEVICE", "auto"),
+                       help="auto, cpu or cuda (default auto: cuda where torch sees a GPU, else cpu)")
     _add_engine_options(bench)
     bench.add_argument("-b", "--batch", default="1", help="batch sizes, comma-separated (default 1)")
     bench.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
@@ -139,6 +141,16 @@ def _engine_options(args) -> dict:
     return out
 
 
+def _choose_device(args) -> None:
+    """Resolve --device auto in place, saying on stderr what it chose."""
+    from pipellm_core.runtime.device_choice import AUTO, choose_device, describe_choice
+
+    asked = args.device
+    args.device = choose_device(asked, args.backend)
+    if asked == AUTO:
+        print(describe_choice(args.device, args.backend), file=sys.stderr)
+
+
 def _read_prompts(path: str) -> list[str]:
     try:
         lines = open(path, encoding="utf-8").read().splitlines()
@@ -171,6 +183,7 @@ def cmd_run(args) -> int:
         args.prompt = sys.stdin.read()
     prompts = _read_prompts(args.prompts) if args.prompts else None
     options = _engine_options(args)
+    _choose_device(args)
     enabled = set(parse_plugin_list(args.plugins))
     for key in options.get("plugin_options", {}):
         plugin = key.split(".", 1)[0]
@@ -226,6 +239,7 @@ def cmd_bench(args) -> int:
         batches = [int(b) for b in args.batch.split(",")]
     except ValueError:
         raise PipeLLMError(f"--batch takes comma-separated integers, got {args.batch!r}") from None
+    _choose_device(args)
     rows = []
     for b in batches:
         rows += ablate(model, sets, backend=args.backend, device=args.device, batch=b,

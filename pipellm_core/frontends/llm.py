@@ -10,6 +10,7 @@ from pipellm_core.text.chat_template import render_chat
 from pipellm_core.gguf.default_model import default_model_path
 from pipellm_core.errors import PipeLLMError, PluginError
 from pipellm_core.hooks.manager import parse_plugin_list
+from pipellm_core.runtime.device_choice import choose_device
 from pipellm_core.runtime.request import Request
 from pipellm_core.runtime.sampling import SamplingParams
 from pipellm_core.text.stop_strings import StopMatcher
@@ -18,11 +19,13 @@ from pipellm_core.text.tokenizer import StreamDecoder
 BACKENDS = ("torch", "sim", "llamacpp")
 
 
-def open_backend(model: str, backend: str, *, plugins=(), device: str = "cpu", n_ctx: int = 2048,
+def open_backend(model: str, backend: str, *, plugins=(), device: str | None = None, n_ctx: int = 2048,
                  max_batch: int = 8, progress: bool = True, sim_profile: str = "h100",
                  **engine_options):
     """The engine of `backend`: torch (CPU or CUDA), sim (a virtual GPU of `sim_profile`), or
-    llamacpp (the baseline)."""
+    llamacpp (the baseline). `device` "auto" (or None: $PIPELLM_DEVICE, else "auto") is CUDA
+    where torch sees a GPU, else the CPU."""
+    device = choose_device(device, backend)
     if backend in ("torch", "sim"):
         from pipellm_core.runtime.engine import Engine
         if backend == "sim":
@@ -44,13 +47,17 @@ class LLM:
 
     >>> llm = LLM(plugins=[], device="cpu")           # the default SmolLM2-135M model
     >>> llm.create_completion("Hello", max_tokens=8, temperature=0)["choices"][0]["text"]
+
+    `device`: "cpu", "cuda", or "auto" (CUDA where torch sees a GPU, else the CPU); None (the
+    default) reads $PIPELLM_DEVICE, else "auto". `llm.device` is the device chosen.
     """
 
     def __init__(self, model: str | None = None, *, plugins=(), backend: str = "torch",
-                 device: str = "cpu", n_ctx: int = 2048, max_batch: int = 8, progress: bool = True,
+                 device: str | None = None, n_ctx: int = 2048, max_batch: int = 8, progress: bool = True,
                  **engine_options):
         self.model_path = str(model) if model else default_model_path()
         self.backend_name = backend
+        self.device = device = choose_device(device, backend)
         self.backend = open_backend(self.model_path, backend, plugins=plugins, device=device,
                                     n_ctx=n_ctx, max_batch=max_batch, progress=progress,
                                     **engine_options)

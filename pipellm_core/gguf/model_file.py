@@ -121,10 +121,59 @@ class ModelFile:
         )
         if config.n_layers <= 0 or config.n_layers > 10_000:
             raise GGUFError(f"corrupt GGUF: block_count = {config.n_layers}")
-        missing = [n for n in self.layer_tensor_names(0) if n not in self.tensors]
-        if missing:
-            raise GGUFError(f"GGUF lacks tensors {missing}: {self.path}")
+        self._check_claims(config)
         return config
+
+    def _check_claims(self, c: ModelConfig) -> None:
+        """Every tensor the metadata implies is in the file, in the shape it implies, so a count
+        that claims more than the file holds ends here in one line, before weights are loaded."""
+        a = c.arch
+        embd = f"{a}.embedding_length = {c.n_embd}"
+        q = f"{a}.attention.head_count = {c.n_heads} heads of {c.head_dim}"
+        kv = f"{a}.attention.head_count_kv = {c.n_kv_heads} heads of {c.head_dim}"
+        ff = f"{a}.feed_forward_length = {c.n_ff}"
+        wanted = [("token_embd.weight", (c.vocab_size, c.n_embd), embd),
+                  ("output_norm.weight", (c.n_embd,), embd)]
+        if "output.weight" in self.tensors:
+            wanted.append(("output.weight", (c.vocab_size, c.n_embd),
+                           f"{embd}, and {c.vocab_size} rows of token_embd.weight"))
+        for i in range(c.n_layers):
+            p = f"blk.{i}."
+            wanted += [(p + "attn_norm.weight", (c.n_embd,), embd),
+                       (p + "attn_q.weight", (c.n_heads * c.head_dim, c.n_embd), f"{q}, {embd}"),
+                       (p + "attn_k.weight", (c.n_kv_heads * c.head_dim, c.n_embd), f"{kv}, {embd}"),
+                       (p + "attn_v.weight", (c.n_kv_heads * c.head_dim, c.n_embd), f"{kv}, {embd}"),
+                       (p + "attn_output.weight", (c.n_embd, c.n_heads * c.head_dim), f"{embd}, {q}"),
+                       (p + "ffn_norm.weight", (c.n_embd,), embd),
+                       (p + "ffn_gate.weight", (c.n_ff, c.n_embd), f"{ff}, {embd}"),
+                       (p + "ffn_up.weight", (c.n_ff, c.n_embd), f"{ff}, {embd}"),
+                       (p + "ffn_down.weight", (c.n_embd, c.n_ff), f"{embd}, {ff}")]
+            for bias, size, claim in (("attn_q.bias", c.n_heads * c.head_dim, q),
+                                      ("attn_k.bias", c.n_kv_heads * c.head_dim, kv),
+                                      ("attn_v.bias", c.n_kv_heads * c.head_dim, kv)):
+                if p + bias in self.tensors:
+                    wanted.append((p + bias, (size,), claim))
+        for name, shape, claim in wanted:
+            info = self.tensors.get(name)
+            if info is None:
+                layer = name.split(".")[1] if name.startswith("blk.") else None
+                because = f" ({a}.block_count = {c.n_layers} claims layer {layer})" if layer else ""
+                raise GGUFError(f"corrupt GGUF: tensor {name!r} is missing{because}: {self.path}")
+            if tuple(info.shape) != shape:
+                raise GGUFError(f"corrupt GGUF: tensor {name!r} has shape {tuple(info.shape)}, but the "
+                                f"metadata claims {shape} ({claim}): {self.path}")
+        tokens = self.reader.get_field("tokenizer.ggml.tokens")
+        n_tokens = len(tokens.data) if tokens is not None else 0
+        claimed_vocab = int(self.metadata(f"{a}.vocab_size", 0) or 0)
+        for claim, n in (("tokenizer.ggml.tokens lists", n_tokens), (f"{a}.vocab_size =", claimed_vocab)):
+            if n > c.vocab_size:
+                raise GGUFError(f"corrupt GGUF: {claim} {n} tokens, but tensor 'token_embd.weight' "
+                                f"holds {c.vocab_size}: {self.path}")
+        if c.context_length <= 0:
+            raise GGUFError(f"corrupt GGUF: {a}.context_length = {c.context_length}: {self.path}")
+        if c.rope_dim <= 0 or c.rope_dim % 2 or c.rope_dim > c.head_dim:
+            raise GGUFError(f"corrupt GGUF: {a}.rope.dimension_count = {c.rope_dim} for heads of "
+                            f"{c.head_dim}: {self.path}")
 
     def decode_weight_bytes(self) -> int:
         """Bytes of weights one decode step reads: every tensor but the embedding table, plus the
@@ -133,9 +182,3 @@ class ModelFile:
         if "output.weight" not in self.tensors:
             total += self.tensors["token_embd.weight"].nbytes
         return total
-
-    @staticmethod
-    def layer_tensor_names(i: int) -> list[str]:
-        return [f"blk.{i}.{p}.weight" for p in (
-            "attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
-            "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")]

@@ -2,7 +2,7 @@
 
 This module must not import torch: on machines where torch's CUDA build and llama.cpp's CUDA
 build are loaded into one process, loading a model crashes (seen on our H100 machines), so
-there it runs in a worker process of its own (`llamacpp_worker.py`). Everything it returns is
+there it runs in a worker process of its own (`worker.py`). Everything it returns is
 plain Python or numpy.
 """
 
@@ -15,7 +15,27 @@ import time
 
 import numpy as np
 
+from pipellm_core.errors import LlamaCppError
+
 _backend_ready = False
+
+AMX_FLAGS = ("amx_tile", "amx_int8", "amx_bf16")
+
+
+def cpu_has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU reports Intel AMX (read from the kernel's CPU flags; False where unknown).
+
+    llama.cpp's AMX matrix kernels (one of its "extra buffer types") crash with SIGSEGV on
+    quantized models on such CPUs, so sessions there run without extra buffer types.
+    """
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return any(flag in AMX_FLAGS for flag in line.partition(":")[2].split())
+    except OSError:
+        pass
+    return False
 
 
 def _lib():
@@ -50,6 +70,18 @@ def _quiet_fds():
             os.close(fd)
 
 
+def model_params(lib, *, vocab_only: bool, n_gpu_layers: int):
+    """llama.cpp's model parameters; extra buffer types (AMX kernels, CPU weight repacking) stay
+    on except where the CPU has AMX. Off, llama.cpp uses its generic CPU kernels for those
+    products: slower there, but it runs."""
+    mparams = lib.llama_model_default_params()
+    mparams.vocab_only = vocab_only
+    mparams.n_gpu_layers = n_gpu_layers
+    if cpu_has_amx():
+        mparams.use_extra_bufts = False
+    return mparams
+
+
 class LlamaCppSession:
     """One llama.cpp model with a context of `max_batch` sequences (vocab-only if asked)."""
 
@@ -57,13 +89,12 @@ class LlamaCppSession:
                  max_batch: int = 1, ctx_size: int = 2048, n_gpu_layers: int | None = None,
                  flash_attn: bool = True, n_threads: int | None = None):
         lib = self.lib = _lib()
-        mparams = lib.llama_model_default_params()
-        mparams.vocab_only = vocab_only
-        mparams.n_gpu_layers = (-1 if gpu else 0) if n_gpu_layers is None else n_gpu_layers
+        mparams = model_params(lib, vocab_only=vocab_only,
+                               n_gpu_layers=(-1 if gpu else 0) if n_gpu_layers is None else n_gpu_layers)
         with _quiet_fds():
             self.model = lib.llama_model_load_from_file(model_path.encode(), mparams)
         if not self.model:
-            raise RuntimeError(f"llama.cpp could not load {model_path}")
+            raise LlamaCppError(f"llama.cpp could not load {model_path}")
         self.vocab = lib.llama_model_get_vocab(self.model)
         self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
         self.ctx = None
@@ -79,7 +110,7 @@ class LlamaCppSession:
         with _quiet_fds():
             self.ctx = lib.llama_init_from_model(self.model, cparams)
         if not self.ctx:
-            raise RuntimeError("llama.cpp could not create a context (out of memory?)")
+            raise LlamaCppError("llama.cpp could not create a context (out of memory?)")
         self.n_batch = cparams.n_batch
         self.batch = lib.llama_batch_init(self.n_batch, 0, 1)
         self.memory = lib.llama_get_memory(self.ctx)
@@ -149,7 +180,7 @@ class LlamaCppSession:
                 b.logits[i] = want
             rc = lib.llama_decode(self.ctx, b)
             if rc != 0:
-                raise RuntimeError(f"llama.cpp decode failed with code {rc}")
+                raise LlamaCppError(f"llama.cpp decode failed with code {rc}")
             n_out = sum(1 for item in chunk if item[3])
             if n_out == 0:
                 continue

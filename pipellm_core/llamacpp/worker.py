@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import threading
+
+from pipellm_core.errors import LlamaCppError
 
 PROCESS_ENV = "PIPELLM_LLAMACPP_PROCESS"
 
@@ -50,11 +53,23 @@ class RemoteSession:
                 pickle.dump((method, args, kwargs), self._proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
                 self._proc.stdin.flush()
                 ok, value = pickle.load(self._proc.stdout)
-            except (EOFError, BrokenPipeError):
-                raise RuntimeError(f"the llama.cpp worker process died (exit code {self._proc.poll()})") from None
+            except (EOFError, BrokenPipeError, pickle.UnpicklingError):
+                raise LlamaCppError(f"the llama.cpp worker process died ({self._exit_status()})") from None
         if not ok:
-            raise RuntimeError(value)
+            raise LlamaCppError(value)
         return value
+
+    def _exit_status(self) -> str:
+        try:
+            code = self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            return "it stopped answering"
+        if code < 0:
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exit code {code}"
 
     def __getattr__(self, name):
         if name.startswith("_"):
@@ -65,6 +80,8 @@ class RemoteSession:
         if self._proc.poll() is None:
             try:
                 self._call("close", (), {})
+            except LlamaCppError:
+                pass  # it died: nothing left to close
             finally:
                 self._proc.stdin.close()
                 self._proc.wait(timeout=30)

@@ -129,3 +129,80 @@ def _expect_clean_outcome(tmp_path, data: bytes, what: str):
         tracemalloc.stop()
     assert time.perf_counter() - start < 10, f"{what}: took too long"
     assert peak < 20 * len(data), f"{what}: allocated {peak} bytes for a {len(data)}-byte file"
+
+
+# --- metadata that claims more than the file holds ------------------------------------------
+
+def _rewrite(src: str, dst, metadata: dict | None = None, drop: tuple = ()) -> str:
+    """Copy the GGUF `src` to `dst` with some metadata values replaced (same types) or added
+    (uint32, or a string array), and some tensors left out."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+    metadata = dict(metadata or {})
+    r = GGUFReader(src)
+    w = GGUFWriter(str(dst), r.get_field("general.architecture").contents())
+    for name, field in r.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        vtype = GGUFValueType(field.types[0])
+        sub = GGUFValueType(field.types[1]) if vtype == GGUFValueType.ARRAY else None
+        w.add_key_value(name, metadata.pop(name, field.contents()), vtype, sub_type=sub)
+    for name, value in metadata.items():
+        if isinstance(value, list):
+            w.add_array(name, value)
+        else:
+            w.add_uint32(name, value)
+    for t in r.tensors:
+        if t.name not in drop:
+            w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(dst)
+
+
+@pytest.mark.parametrize("metadata, drop, message", [
+    ({"llama.block_count": 1000}, (),
+     r"tensor 'blk\.2\.attn_norm\.weight' is missing \(llama\.block_count = 1000 claims layer 2\)"),
+    ({}, ("blk.1.ffn_down.weight",), r"tensor 'blk\.1\.ffn_down\.weight' is missing"),
+    ({}, ("output_norm.weight",), r"tensor 'output_norm\.weight' is missing"),
+    ({"llama.attention.head_count": 8}, (),
+     r"tensor 'blk\.0\.attn_k\.weight' has shape \(32, 64\), but the metadata claims \(16, 64\) "
+     r"\(llama\.attention\.head_count_kv = 2 heads of 8"),
+    ({"llama.attention.head_count_kv": 4}, (),
+     r"'blk\.0\.attn_k\.weight' has shape \(32, 64\), but the metadata claims \(64, 64\) "
+     r"\(llama\.attention\.head_count_kv = 4 heads of 16"),
+    ({"llama.attention.key_length": 4096}, (),
+     r"'blk\.0\.attn_q\.weight' has shape \(64, 64\), but the metadata claims \(16384, 64\) "
+     r"\(llama\.attention\.head_count = 4 heads of 4096"),
+    ({"llama.embedding_length": 128}, (), r"'token_embd\.weight' has shape \(512, 64\), but the "
+     r"metadata claims \(512, 128\) \(llama\.embedding_length = 128\)"),
+    ({"llama.feed_forward_length": 4096}, (), r"'blk\.0\.ffn_gate\.weight' has shape \(128, 64\)"),
+    ({"llama.context_length": 0}, (), r"llama\.context_length = 0"),
+    ({"llama.rope.dimension_count": 4096}, (), r"llama\.rope\.dimension_count = 4096 for heads of 16"),
+    ({"llama.vocab_size": 100000}, (),
+     r"llama\.vocab_size = 100000 tokens, but tensor 'token_embd\.weight' holds 512"),
+    ({"tokenizer.ggml.tokens": [f"<t{i}>" for i in range(600)]}, (),
+     r"tokenizer\.ggml\.tokens lists 600 tokens, but tensor 'token_embd\.weight' holds 512"),
+], ids=["block_count", "layer-tensor", "output-norm", "head_count", "head_count_kv", "key_length",
+        "embedding_length", "feed_forward_length", "context_length", "rope_dims", "vocab_size",
+        "token_list"])
+def test_metadata_claiming_more_than_the_file_holds(tmp_path, small_model, metadata, drop, message):
+    bad = _rewrite(small_model, tmp_path / "claims.gguf", metadata, drop)
+    with pytest.raises(GGUFError, match=message) as e:
+        ModelFile(bad)
+    assert "\n" not in str(e.value)
+
+
+def test_rewrite_keeps_a_readable_file(tmp_path, small_model):
+    """The helper above changes only what it is asked to (so the errors come from the claims)."""
+    same = ModelFile(_rewrite(small_model, tmp_path / "same.gguf"))
+    assert same.config == ModelFile(small_model).config
+
+
+def test_fuzzed_block_count_fails_before_loading_weights(tmp_path, small_model):
+    """Through the engine: the one-line error comes from reading the file, not from loading."""
+    from pipellm_core.runtime.engine import Engine
+    bad = _rewrite(small_model, tmp_path / "deep.gguf", {"llama.block_count": 1000})
+    with pytest.raises(GGUFError, match="claims layer 2"):
+        Engine(bad, progress=False)
