@@ -4,7 +4,8 @@ For each model shape, product (q/k/v stacked, output, gate/up stacked with SiLU,
 batch, the median time of the kernel the engine would run and the bandwidth it reaches (weight
 bytes + activations in and out, over the time), beside the device-to-device copy bandwidth
 measured in the same run. Weights are random blocks in the kernels' layout; several copies are
-rotated so that the 60 MB L2 does not serve them.
+rotated so that the 60 MB L2 does not serve them. Times are of CUDA-graph replays (as the
+engine runs a step with the graphs plugin), so that host launch overhead stays out.
 
     python benchmarks/kernels.py --json out.json [--batches 1,8,32]
 """
@@ -63,6 +64,21 @@ def product(qtype, x, w, n, k, swiglu):
     return products.matmul(x, w, qtype, n, k, swiglu=swiglu)
 
 
+def graph_time(fn, calls: int) -> float:
+    """Median ms of one `fn()`: a CUDA graph of `calls` calls, its replays timed with events."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(calls):
+            fn()  # compile and warm up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return triton.testing.do_bench(graph.replay, warmup=10, rep=100, return_mode="median") / calls
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", required=True)
@@ -99,7 +115,7 @@ def main() -> None:
                 def run():
                     state["i"] = (state["i"] + 1) % copies
                     return product(qtype, x, ws[state["i"]], n, k, swiglu)
-                ms = triton.testing.do_bench(run, warmup=25, rep=200, return_mode="median")
+                ms = graph_time(run, max(16, copies))
                 out_cols = n // 2 if swiglu else n
                 moved = wbytes + B * k * 2 + B * out_cols * 2
                 bw = moved / (ms * 1e-3)
@@ -117,9 +133,7 @@ def main() -> None:
             q = torch.randn(B, H, D, device="cuda").half()
             slots = torch.arange(B, device="cuda")
             lengths = torch.full((B,), ctx, device="cuda")
-            ms = triton.testing.do_bench(
-                lambda: decode_attention.decode_attention(q, kc, vc, slots, lengths, ctx, D ** -0.5),
-                warmup=25, rep=200, return_mode="median")
+            ms = graph_time(lambda: decode_attention.decode_attention(q, kc, vc, slots, lengths, ctx, D ** -0.5), 16)
             moved = 2 * B * KV * ctx * D * 2
             attn.append(dict(batch=B, heads=H, kv_heads=KV, head_dim=D, ctx=ctx, us=ms * 1e3,
                              gbps=moved / (ms * 1e-3) / 1e9))
