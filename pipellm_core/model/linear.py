@@ -1,5 +1,5 @@
 """One matrix product of the model, by whichever path serves its weights here: the kernels of
-the weights' layout on the GPU, the older block kernels, or the torch path (dequantize, then
+the weights' layout on the GPU, the fp16 product kernel, or the torch path (dequantize, then
 multiply), after the activation rounding llama.cpp applies for the weights' type."""
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ def linear(x: torch.Tensor, w: QuantizedMatrix, bias: torch.Tensor | None = None
     elif swiglu:
         gate, up = linear(x, w, rounded=True).chunk(2, dim=-1)
         y = F.silu(gate) * up
-    elif quant_matmul.supports(x, w.qtype):
-        y = quant_matmul.block_matmul(x, w.raw, w.qtype, w.rows, w.cols)
     elif quant_matmul.supports_dense(x):
         y = quant_matmul.dense_matmul(x, w.dequantize(x.dtype))
     else:

@@ -1,6 +1,6 @@
-"""The Triton kernels that multiply by GGUF blocks, against the torch path (dequantize, then
-multiply), in Triton's interpreter on the CPU (a subprocess: the interpreter is chosen when the
-kernels are defined). On a GPU, the marked test runs them for real."""
+"""The fp16 product and the activation-rounding kernels against torch, in Triton's interpreter on
+the CPU (a subprocess: the interpreter is chosen when the kernels are defined); the runner the
+other kernel tests share. On a GPU, the marked tests run them for real."""
 
 import os
 import subprocess
@@ -12,26 +12,10 @@ import torch
 pytest.importorskip("triton")
 
 CHECK = r"""
-import numpy as np, torch
-from gguf import GGMLQuantizationType as T
-from pipellm_core.gguf.dequant import dequantize
+import torch
 from pipellm_core.model.kernels import quant_matmul
-from pipellm_core.gguf.synthetic import random_blocks
 
 dev = "{device}"
-rng = np.random.default_rng(0)
-for qtype in (T.Q4_0, T.Q4_1, T.Q8_0, T.Q6_K):
-    for m, n, k in ((1, 48, 256), (3, 40, 768), (17, 33, 512), (33, 64, 256)) if qtype == T.Q6_K else \
-            ((1, 48, 64), (3, 40, 576), (17, 33, 320), (33, 64, 256)):
-        per_block = 256 if qtype == T.Q6_K else 32
-        raw = torch.from_numpy(random_blocks(qtype, n * k // per_block, rng, 0.01).reshape(n, -1)).to(dev)
-        x = (torch.randn(m, k, generator=torch.Generator().manual_seed(m)) ).half().to(dev)
-        assert quant_matmul.supports(x, qtype)
-        got = quant_matmul.block_matmul(x, raw, qtype, n, k).float()
-        want = (x.float() @ dequantize(raw, qtype, k, torch.float16).float().t())
-        err = ((got - want).norm() / want.norm()).item()
-        assert got.shape == (m, n) and err < 2e-3, (qtype.name, m, n, k, err)
-        print(qtype.name, m, n, k, f"{{err:.2e}}")
 for m, n, k in ((1, 48, 64), (3, 40, 200), (17, 33, 320), (64, 70, 256)):
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).half().to(dev)
     w = (torch.randn(n, k, generator=torch.Generator().manual_seed(n)) * 0.05).half().to(dev)
@@ -67,11 +51,13 @@ def test_kernels_match_the_torch_path_on_cuda():
 def test_torch_path_where_no_kernel_applies():
     from gguf import GGMLQuantizationType as T
 
-    from pipellm_core.model.kernels import quant_matmul
+    from pipellm_core.model.kernels import products, quant_matmul
     x = torch.zeros(2, 64, dtype=torch.float16)
-    assert not quant_matmul.supports(x, T.Q4_0) or os.environ.get("TRITON_INTERPRET") == "1"
-    assert not quant_matmul.supports(x.float(), T.Q4_0)
-    assert not quant_matmul.supports(x, T.Q5_K)
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    assert not quant_matmul.supports_dense(x) or interpreted
+    assert not quant_matmul.supports_dense(x.float())
+    assert products.layout_for(T.Q4_0, "cpu") == products.GGUF_LAYOUT or interpreted
+    assert products.layout_for(T.Q5_0, "cpu") == products.GGUF_LAYOUT
 
 
 ROUNDING = r"""
