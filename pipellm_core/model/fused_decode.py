@@ -81,27 +81,44 @@ def head(model, h: torch.Tensor) -> torch.Tensor:
     return linear(x, out, rounded=q8).float().reshape(*shape[:-1], -1)
 
 
-def launches(config, w, batch: int, lengths: list[int]) -> list[tuple[str, int]]:
-    """The kernels `layer` launches for `batch` rows whose attention reads `lengths` cache
-    positions each, with the bytes each moves through device memory (read + written): what a
-    simulated GPU charges for the same layer."""
+def would_apply(config, w) -> bool:
+    """Whether `applies` would hold for this layer on a GPU, where its matrices are stacked: the
+    layer's shape, read from weights that are not stacked (the sim computes on the CPU)."""
+    same = lambda parts: len({(m.qtype, m.cols) for m in parts}) == 1  # noqa: E731
+    return (config.head_dim in ATTENTION_HEAD_DIMS and same([w.wq, w.wk, w.wv])
+            and same([w.w_gate, w.w_up]))
+
+
+def launches(config, w, batch: int, attended: int) -> list[tuple[str, str, int, int]]:
+    """The kernels `layer` launches for `batch` rows whose attention reads `attended` cache
+    positions in all: (name, kind, bytes moved through device memory, rows) each, kind being
+    a product's (`products.product_kind`) or "small". What a simulated GPU charges for the same
+    layer."""
     c, B = config, batch
-    E, D, H, KV = c.n_embd, c.head_dim, c.n_heads, c.n_kv_heads
-    qkv_cols = (H + 2 * KV) * D
-    weights = {"qkv": w.wq.nbytes + w.wk.nbytes + w.wv.nbytes, "output": w.wo.nbytes,
-               "gate_up": w.w_gate.nbytes + w.w_up.nbytes, "down": w.w_down.nbytes}
+    E, D, H, KV, F = c.n_embd, c.head_dim, c.n_heads, c.n_kv_heads, c.n_ff
+    qkv = (H + 2 * KV) * D
     f32, f16 = 4, 2
+
+    def product(name, parts, cols_in, cols_out):
+        return (name, products.product_kind(parts[0].qtype), sum(m.nbytes for m in parts) + B * (cols_in + cols_out) * f16, B)
     return [
-        ("add_rms_norm", B * E * (f32 + f16) + E * f32),
-        ("qkv product", weights["qkv"] + B * (E + qkv_cols) * f16),
-        ("rope_and_store", B * qkv_cols * f16 + B * (H + 2 * KV) * D * f16),
-        ("decode_attention", sum(lengths) * 2 * KV * D * f16 + B * H * D * (f16 + f32)),
-        ("attention merge", B * H * D * (f32 + f16)),
-        ("q8 rounding", 2 * B * H * D * f16),
-        ("output product", weights["output"] + B * (H * D + E) * f16),
-        ("add_rms_norm", B * E * (2 * f32 + f16 + f16) + E * f32),
-        ("gate_up product", weights["gate_up"] + B * (E + c.n_ff) * f16),
-        ("q8 rounding", 2 * B * c.n_ff * f16),
-        ("down product", weights["down"] + B * (c.n_ff + E) * f16),
-        ("residual add", B * E * (2 * f32 + f16)),
+        ("add_rms_norm", "small", B * E * (f32 + f16) + E * f32, B),
+        product("qkv product", [w.wq, w.wk, w.wv], E, qkv),
+        ("rope_and_store", "small", 2 * B * qkv * f16, B),
+        ("decode_attention", "small", attended * 2 * KV * D * f16 + B * H * D * (f16 + f32), B),
+        ("attention merge", "small", B * H * D * (f32 + f16), B),
+        ("q8 rounding", "small", 2 * B * H * D * f16, B),
+        product("output product", [w.wo], H * D, E),
+        ("add_rms_norm", "small", B * E * (2 * f32 + 2 * f16) + E * f32, B),
+        product("gate_up product", [w.w_gate, w.w_up], E, F),
+        ("q8 rounding", "small", 2 * B * F * f16, B),
+        product("down product", [w.w_down], F, E),
+        ("residual add", "small", B * E * (2 * f32 + f16), B),
     ]
+
+
+def head_launches(config, output, rows: int) -> list[tuple[str, str, int, int]]:
+    """The kernels `head` launches for `rows` rows, as `launches` gives a layer's."""
+    E, f32, f16 = config.n_embd, 4, 2
+    return [("add_rms_norm", "small", rows * E * (f32 + f16) + E * f32, rows),
+            ("head product", products.product_kind(output.qtype), output.nbytes + rows * (E + output.rows) * f16, rows)]

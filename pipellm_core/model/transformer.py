@@ -93,6 +93,9 @@ class Transformer:
     activations grow past 65504 over the layers)."""
 
     residual_dtype = torch.float32
+    # set by a simulated GPU: charges a decode layer as the kernels that compute it on CUDA
+    # (`fused_decode.launches`) while its torch operations run uncharged
+    charge_kernels = None
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, cache: KVCache, dtype: torch.dtype):
         self.config, self.weights, self.cache, self.dtype = config, weights, cache, dtype
@@ -116,6 +119,15 @@ class Transformer:
         B, T, _ = h.shape
         if T == 1 and fused_decode.applies(c, w, h):
             return fused_decode.layer(self, i, h, positions, slots, ctx_len, w)
+        if T == 1 and self.charge_kernels is not None and fused_decode.would_apply(c, w):
+            attended = lambda: int((positions + 1).sum())  # noqa: E731
+            with self.charge_kernels(lambda: fused_decode.launches(c, w, B, attended())):
+                return self._layer(i, h, positions, slots, mask, ctx_len, w)
+        return self._layer(i, h, positions, slots, mask, ctx_len, w)
+
+    def _layer(self, i, h, positions, slots, mask, ctx_len, w):
+        c = self.config
+        B, T, _ = h.shape
         x = rms_norm(h, w.attn_norm, c.rms_eps).to(self.dtype)
         q = linear(x, w.wq, w.bq).view(B, T, c.n_heads, c.head_dim)
         k = linear(x, w.wk, w.bk).view(B, T, c.n_kv_heads, c.head_dim)
@@ -136,6 +148,13 @@ class Transformer:
     def head(self, h: torch.Tensor) -> torch.Tensor:
         if fused_decode.norm_applies(h, self.dtype):
             return fused_decode.head(self, h)
+        if self.charge_kernels is not None:
+            rows = h.numel() // h.shape[-1]
+            with self.charge_kernels(lambda: fused_decode.head_launches(self.config, self.weights.output, rows)):
+                return self._head(h)
+        return self._head(h)
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
         h = rms_norm(h, self.weights.output_norm, self.config.rms_eps).to(self.dtype)
         return linear(h, self.weights.output).float()
 

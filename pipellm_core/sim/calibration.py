@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from pipellm_core.gguf.model_file import ModelConfig
 from pipellm_core.sim.graph import SimGraph
 from pipellm_core.sim.op_costs import SimOpCosting
+from pipellm_core.sim.profiles import get_profile
 from pipellm_core.sim.runtime import SimRuntime
 
 
@@ -79,3 +80,36 @@ def simulated_step_seconds(c: ModelConfig, profile: str = "h100", batch: int = 1
             runtime.synchronize()
             times.append(runtime.elapsed() - start)
     return times[0], times[1]
+
+
+def kernel_step_seconds(c: ModelConfig, profile, batch: int, attended_per_row: int, type_of,
+                        head_type) -> float:
+    """A decode step of pipellm's kernel path as the sim charges it inside a CUDA graph: every
+    layer's launches (`fused_decode.launches`) and the head's, each at the profile's launch
+    time plus its per-node cost. `type_of(name, layer)` gives each layer matrix's GGML type
+    ("attn_q", "ffn_down", ...); no weights are made, only their sizes."""
+    from types import SimpleNamespace
+
+    from gguf import GGML_QUANT_SIZES
+
+    from pipellm_core.model import fused_decode
+    from pipellm_core.model.weights import QuantizedMatrix
+
+    def matrix(rows, cols, qtype):
+        block, size = GGML_QUANT_SIZES[qtype]
+        raw = torch.empty(rows, cols // block * size, dtype=torch.uint8, device="meta")
+        return QuantizedMatrix(raw, qtype, rows, cols)
+
+    e, hd, kv = c.n_embd, c.head_dim, c.n_kv_heads * c.head_dim
+    kernels = []
+    for i in range(c.n_layers):
+        t = lambda name: type_of(name, i)  # noqa: E731
+        layer = SimpleNamespace(
+            wq=matrix(c.n_heads * hd, e, t("attn_q")), wk=matrix(kv, e, t("attn_k")),
+            wv=matrix(kv, e, t("attn_v")), wo=matrix(e, c.n_heads * hd, t("attn_output")),
+            w_gate=matrix(c.n_ff, e, t("ffn_gate")), w_up=matrix(c.n_ff, e, t("ffn_up")),
+            w_down=matrix(e, c.n_ff, t("ffn_down")))
+        kernels += fused_decode.launches(c, layer, batch, batch * attended_per_row)
+    kernels += fused_decode.head_launches(c, matrix(c.vocab_size, e, head_type), batch)
+    p = get_profile(profile) if isinstance(profile, str) else profile
+    return sum(p.launch_seconds(kind, nbytes, rows) + p.graph_node_s for _, kind, nbytes, rows in kernels)

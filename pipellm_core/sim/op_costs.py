@@ -106,6 +106,24 @@ class SimOpCosting(TorchDispatchMode):
         finally:
             self.silent = saved
 
+    @contextlib.contextmanager
+    def as_kernels(self, launches: Callable[[], list]):
+        """The torch operations inside run on the CPU uncharged; the GPU kernels that compute the
+        same thing (`launches()`: (name, kind, bytes, rows) each, as `fused_decode.launches`
+        gives them) are charged instead."""
+        with self.uncharged():
+            kernels = launches()
+        if not self.silent:
+            profile = self.runtime.device(self.device).profile
+            for name, kind, nbytes, rows in kernels:
+                seconds = profile.launch_seconds(kind, nbytes, rows)
+                if self.recording is not None:
+                    self.recording.append(GraphNode(name, seconds, stream=self.stream))
+                else:
+                    self.stream.launch(name, seconds)
+        with self.uncharged():
+            yield
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from pipellm_core.errors import PipeLLMError
@@ -25,10 +26,26 @@ class DeviceProfile:
     graph_node_s: float  # extra device time per kernel node inside a replayed graph
     copy_setup_s: float  # fixed latency added to every copy
     notes: str = ""  # where the figures come from
+    # pipellm's product kernels on this card, fitted to measured decode steps: for each kind of
+    # product (`products.product_kind`), (rows of the step, fixed seconds, bytes per second);
+    # a kind not listed: the memory bandwidth
+    product_costs: tuple[tuple[str, tuple[tuple[int, float, float], ...]], ...] = ()
 
     def kernel_seconds(self, nbytes: float, flops: float) -> float:
         """Duration of a kernel moving `nbytes` through device memory and doing `flops`: the slower bound wins."""
         return max(self.kernel_min_s, nbytes / self.hbm_bytes_per_s, flops / self.flops_per_s)
+
+    def launch_seconds(self, kind: str, nbytes: float, rows: int) -> float:
+        """Duration of one of pipellm's GPU kernels (`fused_decode.launches`): a product costs
+        the fixed time and bandwidth fitted for its kind at its number of rows (interpolated
+        between the fitted row counts, in log scale), anything else its bytes at the memory
+        bandwidth; never less than the shortest kernel."""
+        table = dict(self.product_costs).get(kind)
+        if not table:
+            return max(self.kernel_min_s, nbytes / self.hbm_bytes_per_s)
+        fixed = _interpolate([(r, f) for r, f, _ in table], rows)
+        bandwidth = _interpolate([(r, b) for r, _, b in table], rows)
+        return max(self.kernel_min_s, fixed + nbytes / bandwidth)
 
     def copy_seconds(self, nbytes: float, kind: str, pinned: bool = True) -> float:
         """Duration of a copy of kind 'h2d', 'd2h', 'd2d' or 'peer'; `pinned` matters for h2d and d2h only."""
@@ -43,6 +60,17 @@ class DeviceProfile:
         else:
             raise ValueError(f"unknown copy kind {kind!r}: expected 'h2d', 'd2h', 'd2d' or 'peer'")
         return self.copy_setup_s + seconds
+
+def _interpolate(points: list[tuple[int, float]], rows: int) -> float:
+    points = sorted(points)
+    if rows <= points[0][0]:
+        return points[0][1]
+    for (r0, v0), (r1, v1) in zip(points, points[1:]):
+        if rows <= r1:
+            t = (math.log(rows) - math.log(r0)) / (math.log(r1) - math.log(r0))
+            return v0 + t * (v1 - v0)
+    return points[-1][1]
+
 
 H100 = DeviceProfile(
     name="h100",
@@ -77,10 +105,20 @@ H200 = replace(
     pinned_h2d_bytes_per_s=55e9,
     pinned_d2h_bytes_per_s=53e9,
     peer_bytes_per_s=450e9,
+    kernel_min_s=2.5e-6,
+    graph_node_s=1.2e-6,
+    product_costs=(
+        ("q32 product", ((1, 0.0, 0.84e12), (8, 10e-6, 0.26e12), (32, 30e-6, 0.142e12))),
+        ("k product", ((1, 0.0, 0.42e12), (8, 0.0, 0.58e12), (32, 0.0, 0.32e12))),
+        ("dense product", ((1, 0.0, 2.9e12), (8, 0.0, 2.7e12), (32, 0.0, 2.35e12))),
+    ),
     notes=(
-        "H100 figures except: memory (140.4 GiB) and HBM bandwidth of the H200; peer bandwidth is an estimate "
-        "for NVLink (NV18); pinned copies assume the same host link as our H100 (not measured); "
-        "host and launch overheads are the H100's."
+        "Measured on our H200: memory, copy bandwidth (4.24 TB/s), pinned copies (55 GB/s). "
+        "The shortest kernel, the per-node cost in a graph and pipellm's product kernels "
+        "(fixed time and bandwidth by rows, per kind) are fitted to the decode steps measured "
+        "at commit e0f22df (benchmarks/results/h200/): SmolLM2 Q4_1, 8B Q4_0, Q4_K_M and F16 at "
+        "batch 1, 8 and 32 come within 8% (tests/sim/test_kernel_calibration.py). Peer bandwidth is "
+        "an estimate for NVLink (NV18); eager host overheads are the H100's."
     ),
 )
 

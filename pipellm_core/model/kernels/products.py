@@ -9,11 +9,20 @@ the older kernels of `quant_matmul`, or the torch path.
 from __future__ import annotations
 
 import torch
+from gguf import GGMLQuantizationType as T
 
 from pipellm_core.model.kernels import quant_matmul
 
 GGUF_LAYOUT = "gguf"
 KERNEL_LAYOUT = "kernel"
+# the kernel family that multiplies each type (the sim charges each family at its own speed)
+FAMILY = {T.Q4_0: "q32", T.Q4_1: "q32", T.Q8_0: "q32", T.Q4_K: "k", T.Q5_K: "k", T.Q6_K: "k"}
+
+
+def product_kind(qtype) -> str:
+    """What kind of product multiplies by `qtype` on the GPU: "q32 product", "k product", or
+    "dense product" (fp16 weights, or weights dequantized to fp16)."""
+    return f"{FAMILY[qtype]} product" if qtype in FAMILY else "dense product"
 
 
 def _module(qtype):
