@@ -14,7 +14,7 @@ from pipellm_core.runtime.request import Request
 from pipellm_core.runtime.sampling import SamplingParams
 from pipellm_core.gguf.synthetic import Shape, write_random_gguf
 
-from .conftest import IdTokenizer
+from ..conftest import IdTokenizer
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")]
