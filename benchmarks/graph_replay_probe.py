@@ -19,7 +19,7 @@ import pipellm_graphs
 from pipellm_core.runtime.engine import Engine
 from pipellm_core.runtime.step import StepBatch
 from pipellm_core.gguf.synthetic import write_random_gguf
-from pipellm_graphs import cuda_capture
+from pipellm_core.runtime import cuda_graph as cuda_capture
 
 
 class IdTokenizer:

@@ -8,8 +8,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from pipellm_core.runtime.request import GenerationStats, Request
-from pipellm_core.runtime.sampling import SamplingParams
 
 
 @dataclass
@@ -49,24 +47,11 @@ def measure_decode(backend, *, batch: int, prompt_tokens: int, n_predict: int, r
     prompts = synthetic_prompts(batch, prompt_tokens, backend.tokenizer.vocab_size)
     steps, prefill, tokens = [], [], []
     for i in range(warmup + repeats):
-        if hasattr(backend, "session"):  # llama.cpp: the whole run inside its own process
-            r = backend.session.timed_greedy_run(prompts, n_predict)
-            if i >= warmup:
-                steps.append(r["decode_seconds"] / r["decode_steps"])
-                prefill.append(batch * prompt_tokens / r["prefill_seconds"])
-                tokens = r["tokens"]
-            continue
-        backend.stats = GenerationStats()
-        reqs = [Request(p, n_predict, SamplingParams(temperature=0), ignore_eos=True) for p in prompts]
-        for _ in backend.generate(reqs):
-            pass
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        s = backend.stats
+        r = backend.timed_greedy_run(prompts, n_predict)
         if i >= warmup:
-            steps.append(s.decode_seconds / max(s.decode_steps, 1))
-            prefill.append(s.prefill_tok_s)
-            tokens = [r.generated for r in reqs]
+            steps.append(r["decode_seconds"] / max(r["decode_steps"], 1))
+            prefill.append(batch * prompt_tokens / r["prefill_seconds"] if r["prefill_seconds"] else 0.0)
+            tokens = r["tokens"]
         if progress:
             progress.update(1)
     step = statistics.median(steps)

@@ -85,7 +85,8 @@ class LLM:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         token_lists = [self.tokenize(p) for p in prompts]
         params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed)
-        events = self._generate(token_lists, params, max_tokens, stop)
+        requests = [Request(tokens, max_tokens, params) for tokens in token_lists]
+        events = self._generate(requests, stop)
         meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": self.model_path}
         if stream:
             return ({**meta, "object": "text_completion",
@@ -98,7 +99,7 @@ class LLM:
         return {**meta, "object": "text_completion",
                 "choices": [{"text": t, "index": i, "logprobs": None, "finish_reason": r}
                             for i, (t, r) in enumerate(zip(texts, reasons))],
-                "usage": self._usage(token_lists)}
+                "usage": usage(requests)}
 
     def create_chat_completion(self, messages: list[dict], *, max_tokens: int = 256,
                                temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95,
@@ -108,7 +109,8 @@ class LLM:
         """Answer a conversation with the model's own chat template. OpenAI `chat.completion`."""
         tokens = self.chat_prompt_tokens(messages)
         params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed)
-        events = self._generate([tokens], params, max_tokens, stop)
+        requests = [Request(tokens, max_tokens, params)]
+        events = self._generate(requests, stop)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
                 "model": self.model_path}
         if stream:
@@ -127,7 +129,7 @@ class LLM:
         return {**meta, "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "finish_reason": reason}],
-                "usage": self._usage([tokens])}
+                "usage": usage(requests)}
 
     def chat_prompt_tokens(self, messages: list[dict]) -> list[int]:
         tok = self.tokenizer
@@ -139,14 +141,11 @@ class LLM:
 
     # --- the shared loop -----------------------------------------------------------------
 
-    def _generate(self, token_lists, params: SamplingParams, max_tokens: int,
-                  stop) -> Iterator[tuple[int, str, str | None]]:
-        """Yield (prompt index, text, finish reason or None) as text becomes final."""
-        requests = [Request(tokens, max_tokens, params) for tokens in token_lists]
+    def _generate(self, requests: list[Request], stop) -> Iterator[tuple[int, str, str | None]]:
+        """Yield (request index, text, finish reason or None) as text becomes final."""
         index = {id(r): i for i, r in enumerate(requests)}
         decoders = [StreamDecoder(self.tokenizer) for _ in requests]
         stops = [StopMatcher(stop) for _ in requests]
-        self._last_requests = requests
         reported = set()
         for req, token in self.backend.generate(requests):
             i = index[id(req)]
@@ -170,8 +169,9 @@ class LLM:
         text, _ = stop.push(decoder.flush())
         return text + stop.flush()
 
-    def _usage(self, token_lists) -> dict:
-        prompt = sum(len(t) for t in token_lists)
-        completion = sum(len(r.generated) for r in self._last_requests)
-        return {"prompt_tokens": prompt, "completion_tokens": completion,
-                "total_tokens": prompt + completion}
+
+def usage(requests: list[Request]) -> dict:
+    """OpenAI's token counts of finished requests."""
+    prompt = sum(len(r.prompt_tokens) for r in requests)
+    completion = sum(len(r.generated) for r in requests)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

@@ -1,7 +1,10 @@
-"""The five hooks through which plugins change how a model is loaded and run.
+"""The hooks through which plugins change how a model is loaded and run (docs/hooks.md).
 
 Plugins implement them with `@pipellm_core.hookimpl`; the core's own behaviour is itself a plugin
 (`pipellm_core.hooks.core_defaults`), registered so that every other implementation runs before it.
+Phases: loading (`load`, `check_plan`, then `setup`, `capture`), each forward pass (`begin_pass`,
+then per layer `before_layer`, the deprecated `prefetch`, `layer_weights`), each decode step
+(`schedule`, `decode`).
 """
 
 from __future__ import annotations
@@ -29,27 +32,82 @@ def load(plan, config, engine) -> None:
 
 
 @hookspec
-def capture(engine) -> None:
-    """Build fast runners for the step shapes the engine will see (for example CUDA graphs).
+def check_plan(plan, engine) -> None:
+    """Refuse a plan this plugin cannot serve: raise `PluginError`.
 
-    Called for every plugin once after the weights and the KV cache are in place.
+    Called for every plugin once, after every `load` and before any weight moves.
+
+    :param plan: the finished `LoadPlan` (read it, do not edit it).
+    :param engine: the `Engine` being built (its options; weights are not loaded yet).
+    """
+
+
+@hookspec
+def setup(engine) -> None:
+    """Build what the plugin needs on the complete engine (buffers, streams, helpers).
+
+    Called for every plugin once, after the weights and the KV cache are in place and before
+    any `capture`.
 
     :param engine: the loaded `Engine`.
     """
 
 
 @hookspec
-def prefetch(engine, layer: int):
-    """Bring what layer `layer` needs to where it will compute, ahead of its compute.
+def capture(engine) -> None:
+    """Build fast runners for the step shapes the engine will see (for example CUDA graphs).
 
-    Called for every plugin before each layer of every forward pass (prefill, decode, graph
-    captures), in layer order.
+    Called for every plugin once, after every `setup`.
+
+    :param engine: the loaded `Engine`.
+    """
+
+
+@hookspec
+def begin_pass(engine, layers: range) -> None:
+    """A forward pass begins: a prefill, a stage's decode step, a graph capture or its check.
+
+    Called for every plugin before the pass's first layer.
+
+    :param engine: the running `Engine`.
+    :param layers: the layer indices the pass runs, in order.
+    """
+
+
+@hookspec
+def before_layer(engine, layer: int) -> None:
+    """Layer `layer` is about to run: observe it, or issue work ahead of it.
+
+    Called for every plugin before each layer of every forward pass, in layer order; what it
+    returns is ignored.
 
     :param engine: the running `Engine`.
     :param layer: index of the layer about to run.
-    :return: a `LayerWeights` to use for this layer instead of the resident one (a streamed
-        copy), or None. The first non-None answer is used. When none answers, a layer left in
-        host memory (`LayerWeights.host`) is copied to its device by the engine, blocking.
+    """
+
+
+@hookspec(firstresult=True)
+def layer_weights(engine, layer: int):
+    """The weights layer `layer` computes with. First result wins; called after `before_layer`.
+
+    :param engine: the running `Engine`.
+    :param layer: index of the layer about to run.
+    :return: a `LayerWeights` (for example views into a slot a streamed copy landed in), or None
+        to let the next implementation answer. The core answers a blocking copy for a layer left
+        in host memory (`LayerWeights.host`), else None: the resident weights.
+    """
+
+
+@hookspec
+def prefetch(engine, layer: int):
+    """Deprecated alias of `before_layer`, for one release.
+
+    Called for every plugin before each layer, after `before_layer`.
+
+    :param engine: the running `Engine`.
+    :param layer: index of the layer about to run.
+    :return: None, or a `LayerWeights`: as before the rename, the first answer that is not None
+        is used for the layer (and `layer_weights` is not called).
     """
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from pipellm_core.runtime.batching import ContinuousBatcher
-from pipellm_core.errors import GGUFError, PipeLLMError
+from pipellm_core.runtime.batching import ContinuousBatcher, check_context_size
+from pipellm_core.errors import GGUFError
 from pipellm_core.llamacpp.worker import open_session
 from pipellm_core.gguf.model_file import ModelFile
 from pipellm_core.runtime.request import GenerationStats, Request
@@ -23,9 +23,7 @@ class LlamaCppBackend(ContinuousBatcher):
                  n_threads: int | None = None):
         self.file = ModelFile(model_path)  # the same checks and clear errors as the torch engine
         self.config = self.file.config
-        if ctx_size > self.config.context_length:
-            raise PipeLLMError(f"context size {ctx_size} exceeds the model's trained context "
-                               f"of {self.config.context_length}")
+        check_context_size(ctx_size, self.config.context_length)
         self.device, self.max_batch, self.ctx_size = device, max_batch, ctx_size
         self.stats = GenerationStats()
         try:
@@ -38,6 +36,9 @@ class LlamaCppBackend(ContinuousBatcher):
 
     def close(self):
         self.session.close()
+
+    def timed_greedy_run(self, prompts: list[list[int]], n_predict: int) -> dict:
+        return self.session.timed_greedy_run(prompts, n_predict)  # the whole run in llama.cpp's process
 
     def release_slot(self, slot: int) -> None:
         self.session.release(slot)

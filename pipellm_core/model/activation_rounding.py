@@ -10,12 +10,12 @@ they drift by a few percent and near-ties flip.
 from __future__ import annotations
 
 import torch
-from gguf import GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as GGMLType
 
 from pipellm_core.model.kernels import activation_q8
 
-_Q8_32 = {T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0}
-_K = {T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K}
+_Q8_32 = {GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0}
+_K = {GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K}
 
 
 def _q8_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -40,20 +40,20 @@ def _q8_k(x: torch.Tensor) -> torch.Tensor:
     return (q * d).reshape(shape)
 
 
-def rounds_to_q8(qtype: T, device_kind: str) -> bool:
+def rounds_to_q8(qtype: GGMLType, device_kind: str) -> bool:
     """Whether llama.cpp rounds activations to 8-bit blocks of 32 before a product with `qtype`."""
     return qtype in _Q8_32 or (qtype in _K and device_kind == "cuda")
 
 
-def round_like_llamacpp(x: torch.Tensor, qtype: T, device_kind: str) -> torch.Tensor:
+def round_like_llamacpp(x: torch.Tensor, qtype: GGMLType, device_kind: str) -> torch.Tensor:
     if rounds_to_q8(qtype, device_kind):
         if activation_q8.supports(x):
             return activation_q8.round_q8_blocks(x)  # the same numbers in one kernel
         return _q8_blocks(x, 32).to(x.dtype)
     if qtype in _K:
         return _q8_k(x).to(x.dtype)
-    if qtype == T.F16:
+    if qtype == GGMLType.F16:
         return x.half().to(x.dtype)
-    if qtype == T.BF16:
+    if qtype == GGMLType.BF16:
         return x.bfloat16().to(x.dtype)
     return x

@@ -12,7 +12,17 @@ from typing import Iterable, Iterator
 import torch
 
 from pipellm_core.errors import ContextLengthError, PipeLLMError
-from pipellm_core.runtime.request import Request, Timer
+from pipellm_core.runtime.request import GenerationStats, Request, Timer
+from pipellm_core.runtime.sampling import SamplingParams
+
+
+def check_context_size(ctx_size: int, trained_context: int) -> None:
+    """A cache of `ctx_size` positions per sequence, for a model trained on `trained_context`."""
+    if ctx_size <= 0:
+        raise ContextLengthError(f"context size must be positive, got {ctx_size}")
+    if ctx_size > trained_context:
+        raise ContextLengthError(f"context size {ctx_size} exceeds the model's trained context "
+                                 f"of {trained_context}")
 
 
 class ContinuousBatcher:
@@ -31,6 +41,19 @@ class ContinuousBatcher:
 
     def release_slot(self, slot: int) -> None:
         """Called when a sequence ends; its slot's cache may be reused."""
+
+    def timed_greedy_run(self, prompts: list[list[int]], n_predict: int) -> dict:
+        """Every prompt prefilled, then greedy decode steps until each has `n_predict` tokens
+        (end of generation ignored): seconds and steps of each phase, and the tokens."""
+        self.stats = GenerationStats()
+        reqs = [Request(p, n_predict, SamplingParams(temperature=0), ignore_eos=True) for p in prompts]
+        for _ in self.generate(reqs):
+            pass
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        s = self.stats
+        return {"prefill_seconds": s.prefill_seconds, "decode_seconds": s.decode_seconds,
+                "decode_steps": s.decode_steps, "tokens": [r.generated for r in reqs]}
 
     def check_fits(self, req: Request) -> None:
         n = len(req.prompt_tokens)

@@ -20,6 +20,27 @@ class StepBatch:
     def select(self, index: slice) -> "StepBatch":
         return StepBatch(self.tokens[index], self.positions[index], self.slots[index], self.ctx_len)
 
+    def write_into(self, out: "StepBatch", pad_slot: int) -> None:
+        """Copy this batch into the first rows of `out`'s buffers; the rows after it become
+        padding: token 0 at position 0, written to the scratch cache slot `pad_slot`."""
+        n = len(self)
+        out.tokens[:n].copy_(self.tokens)
+        out.positions[:n].copy_(self.positions)
+        out.slots[:n].copy_(self.slots)
+        if n < len(out):
+            out.tokens[n:].zero_()
+            out.positions[n:].zero_()
+            out.slots[n:].fill_(pad_slot)
+
+    def padded(self, rows: int, ctx_len: int, pad_slot: int) -> "StepBatch":
+        """This batch in a step of `rows` rows over `ctx_len` cache positions (`write_into`)."""
+        if rows == len(self) and ctx_len == self.ctx_len:
+            return self
+        dev = self.tokens.device
+        out = StepBatch(*(torch.empty(rows, dtype=torch.long, device=dev) for _ in range(3)), ctx_len)
+        self.write_into(out, pad_slot)
+        return out
+
 
 @dataclass
 class Schedule:

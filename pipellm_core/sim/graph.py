@@ -21,6 +21,10 @@ class SimGraphPool:
         self.device, self.allocation = device, None
 
     @property
+    def gpu(self) -> int:
+        return self.device.index
+
+    @property
     def nbytes(self) -> int:
         return self.allocation.nbytes if self.allocation is not None else 0
 

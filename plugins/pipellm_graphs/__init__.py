@@ -8,8 +8,9 @@ a mismatch warns and that shape stays eager.
 
 Option (`Engine(plugin_options=...)`):
   graphs.capture        "lazy" (default) or "all" (`--graphs-capture`)
-On the sim backend a replay is charged as one launch plus the graph's nodes; on a CPU without
-the sim there is nothing to capture, and the plugin says so and leaves the steps eager.
+Graphs are captured through the engine's platform (`Platform.graph`): on the sim backend a replay
+is charged as one launch plus the graph's nodes; on a CPU without the sim there is nothing to
+capture, and the plugin says so and leaves the steps eager.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def capture(engine):
     mode = PluginOptions(engine, "graphs", ("capture",)).get("capture", "lazy")
     if mode not in ("lazy", "all"):
         raise PluginError(f"graphs: capture mode must be 'lazy' or 'all', got {mode!r}")
-    if engine.sim is None and not str(engine.device).startswith("cuda"):
+    if not engine.platform.can_capture_graphs:
         warnings.warn("graphs: CUDA graphs need --device cuda (or the sim backend); "
                       "decode steps stay eager", stacklevel=2)
         return

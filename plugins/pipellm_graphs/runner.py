@@ -21,7 +21,7 @@ from pipellm_core.runtime.step_shapes import StepShapes
 VALIDATION_REL_L2 = 0.05
 
 
-class StepShape:
+class StepBuffers:
     """Static input buffers of one fixed-shape step and the eager step that reads them."""
 
     def __init__(self, engine, stage: int, batch: int, ctx: int):
@@ -30,34 +30,22 @@ class StepShape:
         self.tokens = torch.zeros(batch, dtype=torch.long, device=dev)
         self.positions = torch.zeros(batch, dtype=torch.long, device=dev)
         self.slots = torch.full((batch,), engine.pad_slot, dtype=torch.long, device=dev)
-        self.hidden = (torch.zeros(batch, 1, engine.config.n_embd, dtype=engine.model.residual_dtype, device=dev)
+        self.hidden = (torch.zeros(batch, 1, engine.config.n_embd, dtype=engine.residual_dtype, device=dev)
                        if stage > 0 else None)
         self.step_batch = StepBatch(self.tokens, self.positions, self.slots, ctx)
 
     def fill(self, batch: StepBatch, hidden: torch.Tensor | None) -> None:
-        n = len(batch)
-        self.tokens[:n].copy_(batch.tokens)
-        self.positions[:n].copy_(batch.positions)
-        self.slots[:n].copy_(batch.slots)
-        if n < self.batch:
-            self.tokens[n:].zero_()
-            self.positions[n:].zero_()
-            self.slots[n:].fill_(self.engine.pad_slot)
+        batch.write_into(self.step_batch, self.engine.pad_slot)
         if self.hidden is not None:
-            self.hidden[:n].copy_(hidden)
+            self.hidden[:len(batch)].copy_(hidden)
 
     def eager(self) -> torch.Tensor:
         return self.engine.eager_stage_step(self.stage, self.step_batch, self.hidden)
 
 
-def capture_graph(engine, shape: StepShape, pool):
-    """A graph of `shape`'s step, recorded (its first output computed): CUDA or simulated.
-    A CUDA graph is captured on the compute stream of the stage's GPU."""
-    if engine.sim is not None:
-        from pipellm_core.sim.graph import SimGraph
-        return SimGraph(engine.costing, shape.eager, pool)
-    from .cuda_capture import CudaStepGraph
-    return CudaStepGraph(shape.eager, pool, engine.compute_stream_of(engine.stage_device(shape.stage)))
+def capture_graph(engine, shape: StepBuffers, pool):
+    """A graph of `shape`'s step, not recorded yet, on the GPU of its stage (`Platform.graph`)."""
+    return engine.platform.graph(shape.eager, shape.stage, pool)
 
 
 def outputs_match(graph_out: torch.Tensor, eager_out: torch.Tensor) -> tuple[bool, float]:
@@ -71,30 +59,21 @@ class GraphRunner:
     def __init__(self, engine, policy: StepShapes):
         self.engine, self.policy = engine, policy
         self.graphs: dict[tuple[int, int, int], object] = {}  # (stage, B, C) -> graph, or None: disabled
-        self.shapes: dict[tuple[int, int, int], StepShape] = {}
+        self.shapes: dict[tuple[int, int, int], StepBuffers] = {}
         self.pools: dict[int, object] = {}  # per GPU: the graphs of one GPU share a memory pool
         self.replays = 0
         self.eager_fallbacks = 0
 
     def _pool(self, stage: int):
         """The memory pool of the stage's GPU."""
-        if self.engine.sim is not None:
-            from pipellm_core.sim.graph import SimGraphPool
-            index = self.engine.costing.device
-            if index not in self.pools:
-                self.pools[index] = SimGraphPool(self.engine.sim.device(index))
-            return self.pools[index]
-        index = torch.device(self.engine.stage_device(stage)).index
-        if index not in self.pools:
-            self.pools[index] = torch.cuda.graph_pool_handle()
-        return self.pools[index]
+        pool = self.engine.platform.graph_pool(stage)
+        self.pools[pool.gpu] = pool
+        return pool
 
     @property
     def memory_bytes(self) -> int:
         """Device memory the graphs hold (their pools)."""
-        if self.engine.sim is not None:
-            return sum(p.nbytes for p in self.pools.values())
-        return sum(g.memory_bytes for g in self.graphs.values() if g is not None)
+        return sum(p.nbytes for p in self.pools.values())
 
     def run(self, stage: int, batch: StepBatch, hidden):
         """The step's output from a graph replay, or None when no graph serves it (eager runs)."""
@@ -115,13 +94,13 @@ class GraphRunner:
             self.replays += 1
         return out[: len(batch)].clone() if out is not None else None
 
-    def _shape(self, key) -> StepShape:
+    def _shape(self, key) -> StepBuffers:
         """The static buffers of `key` (stage, batch, context), made on first use."""
         if key not in self.shapes:
-            self.shapes[key] = StepShape(self.engine, *key)
+            self.shapes[key] = StepBuffers(self.engine, *key)
         return self.shapes[key]
 
-    def _capture(self, key, shape: StepShape):
+    def _capture(self, key, shape: StepBuffers):
         """Record the graph of `key`, check it against eager on the same inputs, keep it or not."""
         stage, b, c = key
         start = time.perf_counter()
@@ -148,24 +127,21 @@ class GraphRunner:
             self.graphs[key] = None
             return expected
         self.graphs[key] = graph
-        if self.engine.progress and self.engine.sim is None:
+        if self.engine.progress:
             print(f"graphs: captured batch {b} x context {c} (stage {stage}) in "
                   f"{time.perf_counter() - start:.2f} s; graphs hold {self.memory_bytes / 2**20:.1f} MiB",
                   file=sys.stderr)
         return captured
 
     def capture_all(self) -> None:
-        """Capture every shape of every stage now (`--graphs-capture all`), with progress."""
+        """Capture every shape of every stage now (`--graphs-capture all`), with progress: each
+        runs as the engine's decode of that stage on padding rows, so on first use."""
         stages = len(self.engine.plan.stages)
         shapes = [(s, b, c) for s in range(stages) for b, c in self.policy.all_shapes()]
         bar = progress_bar(total=len(shapes), desc="capturing graphs", enabled=self.engine.progress)
-        for stage, b, c in shapes:
-            key = (stage, b, c)
-            shape = self._shape(key)
-            shape.fill(StepBatch(shape.tokens[:0], shape.positions[:0], shape.slots[:0], c),
-                       None if shape.hidden is None else shape.hidden[:0])
+        for key in shapes:
+            buffers = self._shape(key)  # made as padding rows
             with self.engine.running():
-                self.engine.enter_stage(stage)
-                self._capture(key, shape)
+                self.engine.decode_stage(key[0], buffers.step_batch, buffers.hidden)
             bar.update(1)
         bar.close()

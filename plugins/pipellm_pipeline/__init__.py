@@ -21,8 +21,6 @@ from __future__ import annotations
 import sys
 import warnings
 
-import torch
-
 from pipellm_core import hookimpl
 from pipellm_core.errors import PluginError
 from pipellm_core.hooks.options import PluginOptions
@@ -35,24 +33,14 @@ from .split import pipeline_schedule, split_layers
 OPTIONS = ("stages", "micro_batches")
 
 
-def _devices(engine) -> int:
-    if engine.sim is not None:
-        return len(engine.sim.devices)
-    if str(engine.device).startswith("cuda"):
-        return torch.cuda.device_count()
-    return 0
-
-
 @hookimpl
 def load(plan, config, engine):
-    available = _devices(engine)
+    available = engine.platform.gpu_count  # the engine's GPU and the ones after it
     if available == 0:
         warnings.warn("pipeline: stages need GPUs (--device cuda, or the sim backend with "
                       "--sim-devices); the model runs in one piece", stacklevel=2)
         return
     opts = PluginOptions(engine, "pipeline", OPTIONS)
-    base = torch.device(engine.device).index or 0 if engine.sim is None else 0
-    available -= base  # stages go on the engine's GPU and the ones after it
     stages = opts.integer("stages", available)
     if stages < 1 or stages > available:
         raise PluginError(f"pipeline: {stages} stages asked for, but {available} GPU(s) are there "
@@ -63,10 +51,8 @@ def load(plan, config, engine):
     of_layer = split_layers([packed_layer_bytes(tensors, i) for i in range(config.n_layers)], stages)
     for i, p in enumerate(plan.layers):
         p.stage = of_layer[i]
-        if engine.sim is None:  # on the sim, stage s is charged to virtual GPU s by the engine
-            p.device = f"cuda:{base + of_layer[i]}"
-    if engine.sim is None:
-        plan.embedding_device, plan.head_device = plan.layers[0].device, plan.layers[-1].device
+        p.device = engine.platform.stage_placement(of_layer[i])
+    plan.embedding_device, plan.head_device = plan.layers[0].device, plan.layers[-1].device
     engine.plugin_state["pipeline"] = (stages, opts.integer("micro_batches", 1))
     if engine.progress:
         spans = [[i for i, s in enumerate(of_layer) if s == k] for k in range(stages)]

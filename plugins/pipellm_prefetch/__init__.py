@@ -23,8 +23,6 @@ from __future__ import annotations
 import sys
 import warnings
 
-import torch
-
 from pipellm_core import hookimpl
 from pipellm_core.errors import PluginError
 from pipellm_core.hooks.options import PluginOptions
@@ -45,19 +43,12 @@ def streamer_of(engine) -> LayerStreamer | None:
     return engine.plugin_state.get("prefetch.streamer")
 
 
-def _free_gpu_bytes(engine) -> int:
-    if engine.sim is not None:
-        return engine.sim.device(0).free_bytes
-    free, _total = torch.cuda.mem_get_info(torch.device(engine.device))
-    return free
-
-
 OPTIONS = ("vram_budget", "resident_layers", "slots", "workspace")
 
 
 @hookimpl
 def load(plan, config, engine):
-    if engine.sim is None and not str(engine.device).startswith("cuda"):
+    if engine.platform.gpu_count == 0:
         warnings.warn("prefetch: streaming weights needs --device cuda (or the sim backend); on the "
                       "CPU every layer is already in host memory", stacklevel=2)
         return
@@ -65,7 +56,7 @@ def load(plan, config, engine):
     resident = opts.integer("resident_layers")
     slots = opts.integer("slots", 2)
     budget = opts.get("vram_budget")
-    budget = parse_size(budget) if budget is not None else (None if resident is not None else _free_gpu_bytes(engine))
+    budget = parse_size(budget) if budget is not None else (None if resident is not None else engine.platform.free_memory())
     workspace = opts.get("workspace")
     workspace = parse_size(workspace) if workspace is not None else DEFAULT_WORKSPACE + prefill_activation_bytes(engine)
     tensors = engine.file.tensors
@@ -79,27 +70,38 @@ def load(plan, config, engine):
         print(sp.describe(), file=sys.stderr)
 
 
-@hookimpl(tryfirst=True)  # before any capture of graphs, whose steps stream too
-def capture(engine):
+@hookimpl
+def check_plan(plan, engine):
+    sp = plan_of(engine)
+    if sp is not None and sp.streamed and len(plan.stages) > 1:
+        raise PluginError("prefetch: streaming layers into a pipeline of several stages is not "
+                          "supported yet; use prefetch or pipeline")
+
+
+@hookimpl
+def setup(engine):
     sp = plan_of(engine)
     if sp is None or not sp.streamed:
         return
-    if len(engine.plan.stages) > 1:
-        raise PluginError("prefetch: streaming layers into a pipeline of several stages is not "
-                          "supported yet; use prefetch or pipeline")
-    if engine.sim is not None:
-        from .copy_streams import SimCopyStreams
-        streams, slot_device = SimCopyStreams(engine), "cpu"
-    else:
-        from .copy_streams import CudaCopyStreams
-        streams, slot_device = CudaCopyStreams(engine.device), engine.device
-    streamer = LayerStreamer(engine, sp.streamed, sp.slots, streams, slot_device)
-    if engine.sim is not None:
-        engine.sim.device(0).allocate(len(streamer.slots) * streamer.slot_bytes, "prefetch slots")
+    streamer = LayerStreamer(engine, sp.streamed, sp.slots, engine.platform.copy_queue("prefetch copies"))
     engine.plugin_state["prefetch.streamer"] = streamer
 
 
 @hookimpl
-def prefetch(engine, layer):
+def begin_pass(engine, layers):
     streamer = streamer_of(engine)
-    return streamer.before_layer(layer) if streamer is not None else None
+    if streamer is not None:
+        streamer.begin_pass(layers)
+
+
+@hookimpl
+def before_layer(engine, layer):
+    streamer = streamer_of(engine)
+    if streamer is not None:
+        streamer.issue_copies(layer)
+
+
+@hookimpl
+def layer_weights(engine, layer):
+    streamer = streamer_of(engine)
+    return streamer.weights(layer) if streamer is not None else None

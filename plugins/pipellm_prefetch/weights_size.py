@@ -7,12 +7,10 @@ from pipellm_core.model.weights import packed_bytes
 
 def fixed_gpu_bytes(engine, tensors: dict) -> int:
     """Embedding, output norm and head, and the KV cache: on the GPU whatever streams."""
-    c = engine.config
     out = tensors["token_embd.weight"].nbytes + packed_bytes(tensors["output_norm.weight"])
     if "output.weight" in tensors:
         out += tensors["output.weight"].nbytes
-    kv = 2 * c.n_layers * (engine.max_batch + 1) * engine.ctx_size * c.n_kv_heads * c.head_dim * 2
-    return out + kv
+    return out + engine.kv_cache_bytes
 
 
 def prefill_activation_bytes(engine) -> int:

@@ -18,7 +18,7 @@ from pipellm_core.runtime.request import Request
 from pipellm_core.runtime.sampling import SamplingParams
 from pipellm_core.gguf.synthetic import Shape, write_random_gguf
 from pipellm_prefetch.budget import parse_size, plan_streaming, spread
-from pipellm_prefetch.copy_streams import SimCopyStreams
+from pipellm_core.sim.platform import SimCopyQueue
 
 SIX_LAYERS = Shape("llama", 6, 64, 128, 4, 2, 2048)
 
@@ -127,14 +127,14 @@ def test_budget_is_respected_on_the_sim(model):
 
 
 def test_a_copy_that_does_not_wait_for_its_slot_is_a_hazard(model, monkeypatch):
-    def careless_copy(self, dst, src, after, ready, name, slot):
+    def careless_copy(self, dst, src, after, ready, name, buffer):
         with self.costing.uncharged():
             dst.copy_(src)
         self.costing.copy(self.copy_stream, name, src.numel(), "h2d", src=("host", name),
-                          dst=("prefetch slot", slot))  # no wait for the layer reading the slot
+                          dst=buffer)  # no wait for the layer reading the slot
         self.costing.record(self.copy_stream, ready)
 
-    monkeypatch.setattr(SimCopyStreams, "copy", careless_copy)
+    monkeypatch.setattr(SimCopyQueue, "copy", careless_copy)
     with pytest.raises(HazardError):
         generate(model, sim="h100", plugins=["prefetch"], plugin_options={"prefetch.resident_layers": 0})
 

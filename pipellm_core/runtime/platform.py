@@ -1,0 +1,234 @@
+"""What an engine runs on, behind one interface: the CPU, CUDA GPUs, or the sim's virtual GPUs.
+
+Everything that differs between them is asked of the engine's `Platform` (`engine.platform`):
+how many GPUs the pipeline stages may use and where a stage computes, free device memory,
+buffers held on a device, the streams every forward pass runs on, side streams with events and
+copies, graph capture and its memory pools, and the clock a step is timed with. The engine and
+the plugins call these and never ask which platform they are on; the sim's implementation
+(`pipellm_core.sim.platform.SimPlatform`) charges its virtual GPUs through the same calls.
+
+The engine calls the platform at fixed points: `place` once the weights and the KV cache are
+loaded, `running` around every forward pass, `enter_stage` before each stage's decode step (or
+its capture) and `enter_layer` before each layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Hashable
+
+import torch
+
+from pipellm_core.errors import PipeLLMError
+from pipellm_core.runtime.request import Timer
+
+
+class Platform:
+    """The plain CPU: no GPU, nothing to order or capture. The base of the other platforms."""
+
+    name = "cpu"
+
+    def __init__(self, device: str):
+        self.device = device  # the torch device of the engine's (first) GPU, or "cpu"
+        self.engine = None
+
+    # --- before the weights load: where things go -----------------------------------------
+
+    @property
+    def gpu_count(self) -> int:
+        """GPUs that pipeline stages may use: the engine's and the ones after it (0: none)."""
+        return 0
+
+    def stage_placement(self, stage: int) -> str:
+        """The torch device that computes the layers of pipeline stage `stage`."""
+        return self.device
+
+    def free_memory(self) -> int:
+        """Bytes free on the engine's GPU now."""
+        raise PipeLLMError("the CPU platform has no device memory to measure")
+
+    # --- after the weights load -------------------------------------------------------------
+
+    def place(self, engine) -> None:
+        """The weights and the KV cache of `engine` are in place: set up what runs them."""
+        self.engine = engine
+
+    def buffer(self, nbytes: int, tag: str) -> torch.Tensor:
+        """A byte buffer on the engine's GPU that a plugin holds for the engine's lifetime."""
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+
+    # --- every forward pass -------------------------------------------------------------------
+
+    def running(self):
+        """Context of every forward pass (prefill, decode step, graph capture)."""
+        return contextlib.nullcontext()
+
+    def enter_stage(self, stage: int) -> None:
+        """Before a stage's decode step or its capture, inside `running()`."""
+
+    def enter_layer(self, layer: int, hidden: torch.Tensor) -> None:
+        """Before layer `layer` runs on `hidden`, inside `running()`."""
+
+    def step_timer(self):
+        """A context that measures one prefill or decode step (`.seconds` after it)."""
+        return Timer()
+
+    # --- side streams, events, copies ---------------------------------------------------------
+
+    def copy_queue(self, name: str) -> "CopyQueue":
+        """A stream for copies from pinned host memory into the engine's GPU, beside compute."""
+        raise PipeLLMError("the CPU platform has no device to copy to")
+
+    # --- graphs -------------------------------------------------------------------------------
+
+    @property
+    def can_capture_graphs(self) -> bool:
+        return False
+
+    def graph_pool(self, stage: int):
+        """The memory pool shared by the graphs captured on the GPU of `stage`: `.gpu` (its
+        index), `.nbytes` (device memory it holds)."""
+        raise PipeLLMError("the CPU platform has no graphs")
+
+    def graph(self, step: Callable[[], torch.Tensor], stage: int, pool):
+        """A graph of `step` on the GPU of `stage`: `record()` captures it and returns its first
+        output, `replay()` runs it again on the same buffers."""
+        raise PipeLLMError("the CPU platform has no graphs")
+
+
+class CopyQueue:
+    """Copies on a side stream, ordered against the compute stream with events.
+
+    `buffer` names the device buffer a copy writes and compute later reads (the sim checks
+    those accesses for races; on CUDA it is only a label)."""
+
+    def event(self):
+        raise NotImplementedError
+
+    def mark_compute(self, event) -> None:
+        """`event` completes when the work queued so far on the compute stream does."""
+        raise NotImplementedError
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after, ready, name: str, buffer: Hashable) -> None:
+        """Copy host `src` into `dst` once `after` completes; `ready` completes when it lands."""
+        raise NotImplementedError
+
+    def compute_waits(self, event, buffer: Hashable) -> None:
+        """Compute queued from now on waits for `event`, then reads `buffer`."""
+        raise NotImplementedError
+
+    def compute_done_with(self, buffer: Hashable) -> None:
+        """Compute queued so far is the last to read `buffer` before it is refilled."""
+
+
+class CudaPlatform(Platform):
+    """CUDA GPUs: every forward pass on one compute stream per GPU the model uses, graph
+    captures included (cuBLAS may pick another algorithm on another stream, and then a replay
+    would not give the eager step's bits)."""
+
+    name = "cuda"
+
+    def __init__(self, device: str):
+        super().__init__(device)
+        self.compute_streams: dict[str, torch.cuda.Stream] = {}
+        self._pools: dict[int, CudaGraphPool] = {}
+
+    @property
+    def _index(self) -> int:
+        return torch.device(self.device).index or 0
+
+    @property
+    def gpu_count(self) -> int:
+        return torch.cuda.device_count() - self._index
+
+    def stage_placement(self, stage: int) -> str:
+        return f"cuda:{self._index + stage}"
+
+    def free_memory(self) -> int:
+        free, _total = torch.cuda.mem_get_info(torch.device(self.device))
+        return free
+
+    def place(self, engine) -> None:
+        super().place(engine)
+        gpus = {d for d in [str(x) for x in engine.weights.layer_devices] + [self.device] if d.startswith("cuda")}
+        self.compute_streams = {d: torch.cuda.Stream(d) for d in sorted(gpus)}
+
+    def compute_stream(self, device) -> torch.cuda.Stream:
+        return self.compute_streams[str(torch.device(device))]
+
+    @contextlib.contextmanager
+    def running(self):
+        with contextlib.ExitStack() as stack:
+            # entering a stream makes its GPU current: the engine's own GPU last, so it stays current
+            for device, stream in sorted(self.compute_streams.items(), key=lambda kv: kv[0] == self.device):
+                stack.enter_context(_on_stream(stream))
+            yield
+
+    def copy_queue(self, name: str) -> "CopyQueue":
+        return CudaCopyQueue(self.device)
+
+    @property
+    def can_capture_graphs(self) -> bool:
+        return True
+
+    def graph_pool(self, stage: int) -> "CudaGraphPool":
+        index = torch.device(self.engine.stage_device(stage)).index
+        if index not in self._pools:
+            self._pools[index] = CudaGraphPool(torch.cuda.graph_pool_handle(), index)
+        return self._pools[index]
+
+    def graph(self, step, stage: int, pool):
+        from pipellm_core.runtime.cuda_graph import CudaStepGraph
+        return CudaStepGraph(step, pool, self.compute_stream(self.engine.stage_device(stage)))
+
+
+@contextlib.contextmanager
+def _on_stream(stream):
+    caller = torch.cuda.current_stream(stream.device)
+    if caller == stream:  # already on it (a capture inside a step)
+        yield
+        return
+    stream.wait_stream(caller)
+    with torch.cuda.stream(stream):
+        yield
+    caller.wait_stream(stream)
+
+
+class CudaGraphPool:
+    """A CUDA graph memory pool of GPU `gpu` and the bytes the graphs captured into it took."""
+
+    def __init__(self, handle, gpu: int):
+        self.handle, self.gpu, self.nbytes = handle, gpu, 0
+
+
+class CudaCopyQueue(CopyQueue):
+    def __init__(self, device: str):
+        self.device = torch.device(device)
+        self.copy_stream = torch.cuda.Stream(self.device)
+
+    def event(self):
+        return torch.cuda.Event()
+
+    def mark_compute(self, event) -> None:
+        event.record(torch.cuda.current_stream(self.device))
+
+    def copy(self, dst, src, after, ready, name, buffer) -> None:
+        s = self.copy_stream
+        s.wait_event(after)
+        with torch.cuda.stream(s):
+            dst.copy_(src, non_blocking=True)
+        ready.record(s)
+
+    def compute_waits(self, event, buffer) -> None:
+        torch.cuda.current_stream(self.device).wait_event(event)
+
+
+def make_platform(device: str, sim=None, sim_devices: int = 1) -> Platform:
+    """The platform of an engine on torch device `device`, or (computing on the CPU) on
+    `sim_devices` virtual GPUs of the sim profile `sim`."""
+    if sim is not None:
+        from pipellm_core.sim.platform import SimPlatform
+        return SimPlatform(sim, sim_devices)
+    if device.startswith("cuda"):
+        return CudaPlatform(device)
+    return Platform(device)
