@@ -81,6 +81,7 @@ class Engine(ContinuousBatcher):
         self.pad_slot = max_batch  # the cache's extra slot
         self.platform.place(self)
         self.model = Transformer(self.config, self.weights, self.cache, self.dtype)
+        self.model.charge_kernels = self.platform.kernel_charges()
         self.tokenizer = tokenizer or Tokenizer(self.file.path)
         self.stats = GenerationStats()
         self.pm.hook.setup(engine=self)

@@ -53,6 +53,12 @@ class Platform:
         """The weights and the KV cache of `engine` are in place: set up what runs them."""
         self.engine = engine
 
+    def kernel_charges(self):
+        """None where the model runs its own kernels; on a simulated GPU, the context in which a
+        decode layer's torch operations run uncharged while the kernels that compute it on CUDA
+        are charged instead (`Transformer.charge_kernels`)."""
+        return None
+
     def buffer(self, nbytes: int, tag: str) -> torch.Tensor:
         """A byte buffer on the engine's GPU that a plugin holds for the engine's lifetime."""
         return torch.empty(nbytes, dtype=torch.uint8, device=self.device)

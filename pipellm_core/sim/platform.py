@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from pipellm_core.model.kernels import quant_matmul
 from pipellm_core.runtime.platform import CopyQueue, Platform
 from pipellm_core.sim.graph import SimGraph, SimGraphPool
 from pipellm_core.sim.op_costs import SimOpCosting
@@ -54,6 +55,11 @@ class SimPlatform(Platform):
         first.allocate(w.token_embd.nbytes, "embedding")
         if w.output is not w.token_embd or last is not first:
             last.allocate(w.output.nbytes, "output head")
+
+    def kernel_charges(self):
+        """The engine on CUDA runs its decode layers on the kernels (unless they are switched
+        off): charge those, not the torch operations the CPU computes the same layer with."""
+        return self.costing.as_kernels if quant_matmul.ENABLED else None
 
     def buffer(self, nbytes: int, tag: str):
         self.runtime.device(self.layer_gpu[0]).allocate(nbytes, tag)

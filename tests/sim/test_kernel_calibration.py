@@ -36,3 +36,17 @@ def test_h200_profile_charges_the_kernel_step_as_measured(name, batch):
     steps, context = measured(name)
     sim = kernel_step_seconds(SHAPES[shape].config(), "h200", batch, context, type_of, head) * 1e3
     assert abs(sim / steps[batch] - 1) < 0.25, (name, batch, sim, steps[batch])
+
+
+def test_sim_engine_step_matches_the_h200_on_smollm2(vocab_path, tmp_path):
+    """The whole engine on the sim (h200, graphs), a random SmolLM2-shape Q4_1 model: its decode
+    step within 25% of the one measured on the H200."""
+    from pipellm_core.bench.ablation import ablate
+    from pipellm_core.gguf.synthetic import write_random_gguf
+
+    path = write_random_gguf(str(tmp_path / "smollm2.gguf"), "smollm2-135m", T.Q4_1,
+                             tokenizer_from=vocab_path, embedding_type=T.Q8_0)
+    steps, _ = measured("smollm2-135m-q4_1")
+    (row,) = ablate(path, [["graphs"]], backend="sim", batch=1, prompt_tokens=128, n_predict=8,
+                    repeats=1, progress=False, sim_profile="h200")
+    assert abs(row["ms_per_step"] / steps[1] - 1) < 0.25, (row["ms_per_step"], steps[1])
