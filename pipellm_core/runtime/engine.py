@@ -89,7 +89,7 @@ class Engine(ContinuousBatcher):
         self.cache = KVCache(self.config, max_batch + 1, ctx_size, torch.float16, self.weights.layer_devices)
         self.pad_slot = max_batch
         # every forward pass runs on these streams (one per GPU the model uses), graph captures
-        # included: libraries (cuBLAS) may pick another algorithm on another stream, and then a
+        # included: kernels may pick another algorithm on another stream, and then a
         # replay would not give the eager step's bits
         gpus = {d for d in [str(x) for x in self.weights.layer_devices] + [self.device] if d.startswith("cuda")}
         self.compute_streams = {d: torch.cuda.Stream(d) for d in sorted(gpus)}
