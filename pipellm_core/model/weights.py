@@ -24,6 +24,7 @@ class QuantizedMatrix:
     qtype: T
     rows: int
     cols: int
+    dense: torch.Tensor | None = field(default=None, repr=False, compare=False)  # cpu_weights.py
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize(self.raw, self.qtype, self.cols, dtype)
