@@ -1,4 +1,5 @@
-"""The `pipellm` command: `run` generates, `plugins` lists installed plugins.
+"""The `pipellm` command: `run` generates, `bench` measures speed, `compare` measures fidelity to
+llama.cpp, `plugins` lists installed plugins.
 
 Flags follow llama.cpp's names; each also reads a PIPELLM_* environment variable as its default.
 """
@@ -92,6 +93,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", metavar="PNG", help="write a bar chart (needs matplotlib)")
     bench.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     bench.set_defaults(func=cmd_bench)
+
+    compare = sub.add_parser(
+        "compare", help="fidelity to llama.cpp: KL divergence and top-1 agreement over a text",
+        epilog=EPILOG,
+        description="Teacher-forced over a text: the next-token distributions of pipellm and of "
+                    "llama.cpp at every position, compared by mean KL divergence and top-1 "
+                    "agreement; and llama.cpp against itself with flash attention switched (on "
+                    "CUDA also its CPU build), the distance its own kernel choices make, for scale.")
+    compare.add_argument("-m", "--model", default=_env("PIPELLM_MODEL"), help="GGUF file (default: SmolLM2-135M)")
+    compare.add_argument("--text", metavar="FILE", help="text to compare over (default: a few paragraphs "
+                         "shipped with pipellm)")
+    compare.add_argument("--backend", choices=("torch", "sim"), default="torch",
+                         help="pipellm's backend: torch (default) or sim")
+    compare.add_argument("--device", default=_env("PIPELLM_DEVICE", "auto"),
+                         help="auto, cpu or cuda (default auto: cuda where torch sees a GPU, else cpu)")
+    compare.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    compare.set_defaults(func=cmd_compare)
 
     plugins = sub.add_parser("plugins", help="list installed plugins and the hooks they implement")
     plugins.add_argument("--json", action="store_true", help="print JSON")
@@ -262,6 +280,24 @@ def cmd_bench(args) -> int:
     if args.plot:
         write_plot(result, args.plot)
     return 0 if all(r["same_tokens"] is not False for r in rows) else 2
+
+
+def cmd_compare(args) -> int:
+    from pipellm_core.bench.fidelity import compare, format_comparison
+
+    text = None
+    if args.text:
+        try:
+            text = open(args.text, encoding="utf-8").read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise PipeLLMError(f"cannot read the text: {e}") from None
+    _choose_device(args)
+    result = compare(args.model, text, backend=args.backend, device=args.device)
+    print(format_comparison(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
 
 
 def cmd_plugins(args) -> int:

@@ -19,7 +19,7 @@ from pipellm_core.text.tokenizer import Tokenizer
 
 class LlamaCppBackend(ContinuousBatcher):
     def __init__(self, model_path: str, *, device: str = "cpu", max_batch: int = 1,
-                 ctx_size: int = 2048, n_gpu_layers: int | None = None, flash_attn: bool = True,
+                 ctx_size: int = 2048, n_gpu_layers: int | None = None, flash_attn: bool | None = None,
                  n_threads: int | None = None):
         self.file = ModelFile(model_path)  # the same checks and clear errors as the torch engine
         self.config = self.file.config

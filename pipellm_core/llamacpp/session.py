@@ -87,7 +87,7 @@ class LlamaCppSession:
 
     def __init__(self, model_path: str, *, vocab_only: bool = False, gpu: bool = False,
                  max_batch: int = 1, ctx_size: int = 2048, n_gpu_layers: int | None = None,
-                 flash_attn: bool = True, n_threads: int | None = None):
+                 flash_attn: bool | None = None, n_threads: int | None = None):
         lib = self.lib = _lib()
         mparams = model_params(lib, vocab_only=vocab_only,
                                n_gpu_layers=(-1 if gpu else 0) if n_gpu_layers is None else n_gpu_layers)
@@ -104,7 +104,9 @@ class LlamaCppSession:
         cparams.n_ctx = ctx_size * max_batch
         cparams.n_batch = cparams.n_ubatch = max(512, max_batch)
         cparams.n_seq_max = max_batch
-        cparams.flash_attn_type = 1 if (flash_attn and gpu) else 0
+        # flash attention: on for the GPU and off on the CPU unless asked (the parity tests'
+        # llama.cpp computes attention without it on the CPU)
+        cparams.flash_attn_type = int(gpu if flash_attn is None else flash_attn)
         if n_threads:
             cparams.n_threads = cparams.n_threads_batch = n_threads
         with _quiet_fds():

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pipellm_core.model.activation_rounding import round_like_llamacpp
+from pipellm_core.model.cpu_weights import dense_weight
 from pipellm_core.model.kernels import products, quant_matmul
 from pipellm_core.model.weights import QuantizedMatrix
 
@@ -26,6 +27,8 @@ def linear(x: torch.Tensor, w: QuantizedMatrix, bias: torch.Tensor | None = None
         y = F.silu(gate) * up
     elif quant_matmul.supports_dense(x):
         y = quant_matmul.dense_matmul(x, w.dequantize(x.dtype))
+    elif x.device.type == "cpu":
+        y = x @ dense_weight(w, x.dtype).t()
     else:
         y = x @ w.dequantize(x.dtype).t()
     return y + bias.to(y.dtype) if bias is not None else y

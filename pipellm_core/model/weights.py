@@ -27,6 +27,7 @@ class QuantizedMatrix:
     rows: int
     cols: int
     layout: str = products.GGUF_LAYOUT
+    dense: torch.Tensor | None = field(default=None, repr=False, compare=False)  # cpu_weights.py
 
     def _decode(self, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.layout == products.KERNEL_LAYOUT:

@@ -15,7 +15,7 @@ from pipellm_core.runtime.step import StepBatch
 from pipellm_core.runtime.step_shapes import StepShapes
 
 # A graph replays the eager step's kernels, but a library may pick another algorithm while
-# capturing (cuBLAS may, on another stream), so outputs can differ in the last bits, which the
+# capturing (cuBLAS does, on any stream), so outputs can differ in the last bits, which the
 # 8-bit activation rounding then amplifies. A wrong graph (stale or misplaced buffers) is off by
 # the order of the logits themselves; the bound sits far between the two.
 VALIDATION_REL_L2 = 0.05

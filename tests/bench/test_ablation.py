@@ -8,14 +8,46 @@ from pipellm_core import ablate
 
 
 def test_ablate_rows(tiny_models):
-    rows = ablate(tiny_models["llama"], [[], "none"], batch=2, prompt_tokens=8, n_predict=4,
-                  repeats=1, baseline="llamacpp", progress=False)
-    assert [(r["backend"], r["plugins"]) for r in rows] == [("torch", []), ("torch", []), ("llamacpp", [])]
-    assert rows[0]["same_tokens"] is True and rows[1]["same_tokens"] is True
+    rows = ablate(tiny_models["llama"], [[], ["graphs"]], backend="sim", batch=2, prompt_tokens=8,
+                  n_predict=4, repeats=1, baseline="llamacpp", progress=False)
+    assert [(r["backend"], r["plugins"]) for r in rows] == [("sim", []), ("sim", ["graphs"]), ("llamacpp", [])]
+    assert rows[0]["same_tokens"] is True  # the reference itself
+    assert rows[1]["same_tokens"] is True  # a plugin row, checked against the reference row
     assert rows[2]["same_tokens"] is None
     for r in rows:
         assert r["tok_s"] > 0 and r["ms_per_step"] > 0 and r["batch"] == 2
         assert abs(r["tok_s"] - 2 * 1000 / r["ms_per_step"]) < 1e-6 * r["tok_s"]
+
+
+def test_ablate_flags_a_plugin_that_changes_tokens(tiny_models, monkeypatch):
+    """`same_tokens` is a real comparison with the reference row: a second row whose decode
+    picks other tokens is caught."""
+    import torch
+
+    from pipellm_core.bench import ablation
+    from pipellm_core.hooks.specs import hookimpl
+
+    class SkewedDecode:
+        @hookimpl
+        def decode(self, engine, stage, batch, hidden):
+            out = engine.eager_stage_step(stage, batch, hidden)
+            if stage == len(engine.plan.stages) - 1:  # logits: the reference's runner-up wins
+                out = out.clone()
+                out[torch.arange(out.shape[0]), out.argmax(-1)] = float("-inf")
+            return out
+
+    opened, open_backend = [], ablation.open_backend
+
+    def open_skewed_after_the_first(*args, **kwargs):
+        if opened:
+            kwargs["extra_plugins"] = (SkewedDecode(),)
+        opened.append(args)
+        return open_backend(*args, **kwargs)
+
+    monkeypatch.setattr(ablation, "open_backend", open_skewed_after_the_first)
+    rows = ablate(tiny_models["llama"], [[], []], batch=1, prompt_tokens=8, n_predict=4, repeats=1,
+                  progress=False)
+    assert [r["same_tokens"] for r in rows] == [True, False]
 
 
 def test_bench_cli_writes_results(tmp_path, tiny_models):

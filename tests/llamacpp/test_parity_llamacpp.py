@@ -1,7 +1,11 @@
-"""The torch engine against llama.cpp on the same GGUF: logits, and greedy continuations."""
+"""The torch engine against llama.cpp on the same GGUF: fidelity teacher-forced (KL divergence
+and top-1 agreement, against llama.cpp's own distance under a kernel switch), logits, and
+greedy continuations."""
 
 import pytest
 
+from pipellm_core.bench.fidelity import distance, llamacpp_logits
+from pipellm_core.bench.fidelity_text import DEFAULT_TEXT
 from pipellm_core.runtime.engine import Engine
 from pipellm_core.llamacpp.backend import LlamaCppBackend
 from pipellm_core.runtime.request import Request
@@ -22,17 +26,27 @@ PROMPTS = [
     "The chemical symbol for gold is",
 ]
 
-# llama.cpp multiplies quantized weights by activations it first rounds to 8 bits per block of
-# 32 and keeps the KV cache in fp16; we do both (activation_rounding.py, the engine's cache) but
-# not its kernels' summation order. On SmolLM2 (a model with very large activation outliers) the
-# tiny differences that remain get amplified through 30 layers: measured logits differ by up to
-# ~22% (relative L2), and top-1 differs only where llama.cpp's own top-2 logits are nearly tied.
-LOGIT_REL_ERR_SMOLLM2 = 0.3
-NEAR_TIE = 0.5  # logits: a top-1 mismatch is allowed only when llama.cpp's top-2 gap is smaller
-# Measured on this file: 5 of the 12 prompts give identical 32-token greedy continuations one
-# sequence at a time; the others share a prefix of 6 to 31 tokens first.
-MIN_IDENTICAL_CONTINUATIONS = 5
+# Fidelity is measured teacher-forced (pipellm_core/bench/fidelity.py): over the default text,
+# the mean KL divergence of pipellm's next-token distributions from llama.cpp's, and their top-1
+# agreement. The bar is llama.cpp's own distance from itself with flash attention switched on:
+# pipellm may be at most KL_FACTOR times as far (plus KL_FLOOR nats, for models where both are
+# ~0), and agree on top-1 at most TOP1_SLACK less often. Measured on SmolLM2-135M Q4_1, 328
+# positions: pipellm 3.65e-3 nats and 96.6%, llama.cpp with flash attention 3.37e-3 and 95.7%;
+# on the random-weight F32 models, 3.3e-6 and 3.8e-6 for both.
+KL_FACTOR = 2.0
+KL_FLOOR = 1e-5
+TOP1_SLACK = 0.03
 LOGIT_REL_ERR_F32 = 1e-2  # F32 weights: only fp16 KV cache rounding in llama.cpp remains
+
+
+def check_fidelity(ours, theirs, switched, what: str):
+    """pipellm's distance to llama.cpp within the bar that llama.cpp's own switch sets."""
+    mine, own = distance(theirs, ours), distance(theirs, switched)
+    print(f"{what}: pipellm KL {mine.kl_mean:.3e} top-1 {mine.top1:.3f}; llama.cpp flash attention "
+          f"on/off KL {own.kl_mean:.3e} top-1 {own.top1:.3f} ({mine.positions} positions)")
+    assert mine.kl_mean <= KL_FACTOR * own.kl_mean + KL_FLOOR, (mine, own)
+    assert mine.top1 >= own.top1 - TOP1_SLACK, (mine, own)
+    return mine, own
 
 
 def greedy(backend, prompts, n, together=False):
@@ -50,46 +64,66 @@ def rel_err(a, b):
     return float((a - b).norm() / b.norm())
 
 
-def check_logits(engine, ref, prompt, bound, near_tie=0.0):
-    """Max relative error of the logits over the prompt's positions; top-1 must agree except
-    where llama.cpp's top-2 logits are within `near_tie`."""
+def check_logits(engine, ref, prompt, bound):
+    """Max relative error of the logits over the prompt's positions, and the same top-1 at every one."""
     tokens = engine.tokenizer.encode(prompt)
     ours = engine.prefill([tokens], [0], all_logits=True)[0].float().cpu()
     theirs = ref.prompt_logits(tokens)
     assert ours.shape == theirs.shape
-    for i in range(len(tokens)):
-        if int(ours[i].argmax()) != int(theirs[i].argmax()):
-            top2 = theirs[i].topk(2).values
-            assert float(top2[0] - top2[1]) < near_tie, f"{prompt!r}: top-1 differs at position {i}"
+    assert (ours.argmax(-1) == theirs.argmax(-1)).all(), prompt
     worst = max(rel_err(ours[i], theirs[i]) for i in range(len(tokens)))
     assert worst < bound, f"{prompt!r}: relative error {worst:.4f}"
     return worst
 
 
-@pytest.mark.parametrize("prompt", PROMPTS)
-def test_smollm2_logits_match_llamacpp(smollm2_engine, smollm2_llamacpp, prompt):
-    check_logits(smollm2_engine, smollm2_llamacpp, prompt, LOGIT_REL_ERR_SMOLLM2, NEAR_TIE)
+def test_smollm2_fidelity_to_llamacpp(smollm2_path, smollm2_engine, smollm2_llamacpp):
+    tokens = smollm2_engine.tokenizer.encode(DEFAULT_TEXT)
+    ours = smollm2_engine.prefill([tokens], [0], all_logits=True)[0].float().cpu()
+    check_fidelity(ours, smollm2_llamacpp.prompt_logits(tokens),
+                   llamacpp_logits(smollm2_path, tokens, flash_attn=True), "SmolLM2")
 
 
-def test_smollm2_greedy_32_tokens_match_llamacpp(smollm2_engine, smollm2_llamacpp):
+def test_smollm2_greedy_32_tokens_reported(smollm2_engine, smollm2_llamacpp):
+    """Identical greedy continuations are a figure, not a gate: one near-tie anywhere in 32 tokens
+    ends a continuation, and which ties flip depends on which of llama.cpp's kernels ran."""
     ours = greedy(smollm2_engine, PROMPTS, 32)
     theirs = greedy(smollm2_llamacpp, PROMPTS, 32)
-    identical = [p for p, a, b in zip(PROMPTS, ours, theirs) if a == b and len(a) == 32]
-    print(f"identical 32-token greedy continuations: {len(identical)} of {len(PROMPTS)}")
-    assert len(identical) >= MIN_IDENTICAL_CONTINUATIONS, identical
-    # where they differ, they agree at the start (no systematic error)
+    assert all(len(a) == 32 for a in ours) and all(len(b) == 32 for b in theirs)
+    identical = sum(a == b for a, b in zip(ours, theirs))
     prefix = [next((i for i, (s, t) in enumerate(zip(a, b)) if s != t), len(a)) for a, b in zip(ours, theirs)]
-    print("shared greedy prefix per prompt:", prefix)
-    assert sorted(prefix)[len(prefix) // 2] >= 8, prefix
+    print(f"identical 32-token greedy continuations: {identical} of {len(PROMPTS)}; shared prefixes {prefix}")
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 def test_random_model_matches_llamacpp(tiny_models, arch):
+    """F32 weights: the fidelity bar, logits within 1e-2 at every position, and the same greedy
+    continuations (these must stay identical)."""
     path = tiny_models[arch]
-    engine = Engine(path, max_batch=4, ctx_size=256, progress=False)
-    ref = LlamaCppBackend(path, max_batch=4, ctx_size=256)
+    engine = Engine(path, max_batch=4, ctx_size=512, progress=False)
+    ref = LlamaCppBackend(path, max_batch=4, ctx_size=512)
     assert engine.config.arch == arch
+    tokens = engine.tokenizer.encode(DEFAULT_TEXT)
+    ours = engine.prefill([tokens], [0], all_logits=True)[0].float().cpu()
+    check_fidelity(ours, ref.prompt_logits(tokens), llamacpp_logits(path, tokens, flash_attn=True),
+                   f"random {arch} F32")
     for prompt in PROMPTS[:3]:
         check_logits(engine, ref, prompt, LOGIT_REL_ERR_F32)
     ours, theirs = greedy(engine, PROMPTS[:6], 32), greedy(ref, PROMPTS[:6], 32)
     assert ours == theirs
+
+
+def test_compare_command(tiny_models, tmp_path):
+    """`pipellm compare` prints both figures for both pairs, and writes them as JSON."""
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / "fidelity.json"
+    r = subprocess.run([sys.executable, "-m", "pipellm_core.frontends.cli", "compare", "-m",
+                        tiny_models["llama"], "--device", "cpu", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "pipellm torch cpu" in r.stdout and "llama.cpp cpu, flash attention on" in r.stdout
+    result = json.loads(out.read_text())
+    mine, own = result["pairs"]
+    assert result["tokens"] == mine["positions"] == own["positions"] > 100
+    assert 0 <= mine["kl_mean"] <= KL_FACTOR * own["kl_mean"] + KL_FLOOR

@@ -299,6 +299,15 @@ def test_ordering_is_transitive_through_events():
     s2.launch("read", 1e-6, reads=["x"])
     s3.wait_event(s2.record_event())
     s3.launch("overwrite", 1e-6, writes=["x"])  # after both the write and the read
+    assert s3.clock >= s2.clock >= s1.clock > 0
+    # without the second wait, the overwrite races with the read
+    rt = SimRuntime(H100, n_devices=2, trace=False)
+    s1, s2 = streams(rt, 0)
+    s1.launch("produce", 1e-6, writes=["x"])
+    s2.wait_event(s1.record_event())
+    s2.launch("read", 1e-6, reads=["x"])
+    with pytest.raises(HazardError):
+        rt.device(1).default_stream.launch("overwrite", 1e-6, writes=["x"])
 
 
 def test_peer_copy_checks_across_devices():
@@ -328,14 +337,25 @@ def test_host_access_to_pinned_buffers():
     compute.launch("embed", 1e-6, reads=["pinned_ids"])
 
 
-def test_check_hazards_off():
-    rt = SimRuntime(H100, trace=False)
+def _unordered_accesses(rt):
+    """A read of a copy's destination, and a copy over a buffer being read, neither ordered."""
     compute, copy = streams(rt)
-    rt.check_hazards = False
     copy.copy("copy", 64, "h2d", dst="w")
     compute.launch("use", 1e-6, reads=["w"])
     compute.launch("matmul", 1e-3, reads=["buf0"])
     copy.copy("prefetch", 64, "h2d", dst="buf0")
+    return compute, copy
+
+
+def test_check_hazards_off():
+    with pytest.raises(HazardError, match="'w' read"):  # checked, the same accesses are a hazard
+        _unordered_accesses(SimRuntime(H100, trace=False))
+    rt = SimRuntime(H100, trace=False)
+    rt.check_hazards = False
+    compute, copy = _unordered_accesses(rt)
+    # unchecked, every operation still ran and took its time
+    assert compute.clock == approx(3 * 30e-6 + 1e-3)  # copy, use, matmul issued 30 µs apart; matmul 1 ms
+    assert copy.clock > 3 * 30e-6  # the prefetch was issued after the matmul
 
 
 # trace
