@@ -15,27 +15,24 @@ half of the machine's memory, shared by every model in the process.
 from __future__ import annotations
 
 import os
-import re
 import weakref
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from pipellm_core import sizes
 from pipellm_core.errors import PipeLLMError
 from pipellm_core.model.weights import QuantizedMatrix
 
 BUDGET_ENV = "PIPELLM_CPU_DENSE_BUDGET"
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
-          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
-
 _in_use = 0  # bytes of dense copies alive in this process
 
 
 def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise PipeLLMError(f"{BUDGET_ENV} takes a size such as 4GiB or 500MB, got {text!r}")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    try:
+        return sizes.parse_size(text)
+    except ValueError as e:
+        raise PipeLLMError(f"{BUDGET_ENV}: {e}") from None
 
 
 def budget_bytes() -> int:

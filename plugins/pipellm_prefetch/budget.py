@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
+from pipellm_core import sizes
 from pipellm_core.errors import PluginError
 
 MiB = 2**20
 DEFAULT_WORKSPACE = 256 * MiB  # activations, attention scores, CUDA graph pools, library workspaces
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
 def human(nbytes: int) -> str:
@@ -19,12 +17,10 @@ def human(nbytes: int) -> str:
 
 def parse_size(text) -> int:
     """Bytes from '6GiB', '6.5GB', '800MiB' or a plain number of bytes."""
-    if isinstance(text, (int, float)):
-        return int(text)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise PluginError(f"prefetch: cannot read {text!r} as a size (say 6GiB, 6.5GB or 800MiB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    try:
+        return sizes.parse_size(text)
+    except ValueError as e:
+        raise PluginError(f"prefetch: {e}") from None
 
 
 @dataclass
