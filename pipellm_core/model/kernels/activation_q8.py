@@ -31,7 +31,8 @@ def supports(x: torch.Tensor) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _round_half_even(v):
+    def round_half_even(v):
+        """Round to nearest, ties to even, as torch.round does."""
         r = tl.floor(v + 0.5)
         tie = (r - v) == 0.5
         odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
@@ -48,7 +49,7 @@ if triton is not None:
         # correctly rounded divisions, as torch's (Triton's `/` may be approximate on the GPU)
         d = tl.math.div_rn(tl.max(tl.abs(x), axis=1), 127.0)
         inv = tl.where(d > 0, tl.math.div_rn(1.0, tl.where(d > 0, d, 1.0)), 0.0)
-        q = _round_half_even(x * inv[:, None])
+        q = round_half_even(x * inv[:, None])
         d16 = d.to(tl.float16).to(tl.float32)
         tl.store(out_ptr + offs, (q * d16[:, None]).to(out_ptr.dtype.element_ty), mask=ok)
 

@@ -46,6 +46,8 @@ from pipellm_core.gguf.dequant import QK_K, _k4_scales_mins
 try:
     import triton
     import triton.language as tl
+
+    from pipellm_core.model.kernels.epilogues import silu_times, sum_splits
 except ImportError:  # pragma: no cover - only the torch functions are usable
     triton = None
 
@@ -312,29 +314,9 @@ if triton is not None:
                 tl.store(p + H, up, mask=ok)
         else:
             if SWIGLU:
-                gate = gate / (1.0 + tl.exp(tl.minimum(-gate, 80.0))) * up
+                gate = silu_times(gate, up)
             o = out_ptr + rm.to(tl.int64)[:, None] * N_OUT + rn[None, :]
             tl.store(o, gate.to(tl.float16), mask=ok)
-
-    @triton.jit
-    def _sum_slices_kernel(part_ptr, out_ptr, M, N_OUT, H, SLICES,
-                           SWIGLU: tl.constexpr, BLOCK: tl.constexpr):
-        """out[m, c] = sum over slices of the partial sums, in slice order (silu(gate) * up)."""
-        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        ok = i < M * N_OUT
-        m = i // N_OUT
-        c = i % N_OUT
-        n_rows = N_OUT * 2 if SWIGLU else N_OUT
-        gate = tl.zeros((BLOCK,), dtype=tl.float32)
-        up = tl.zeros((BLOCK,), dtype=tl.float32)
-        for s in range(SLICES):
-            row = part_ptr + (s * M + m).to(tl.int64) * n_rows
-            gate += tl.load(row + c, mask=ok, other=0.0)
-            if SWIGLU:
-                up += tl.load(row + H + c, mask=ok, other=0.0)
-        if SWIGLU:
-            gate = gate / (1.0 + tl.exp(tl.minimum(-gate, 80.0))) * up
-        tl.store(out_ptr + i, gate.to(tl.float16), mask=ok)
 
 
 # Programs wanted in flight: 132 SMs, a few programs each, so that weight loads overlap.
@@ -409,7 +391,5 @@ def matmul(x: torch.Tensor, w: torch.Tensor, qtype, n: int, k: int, *, swiglu: b
                                DOT=t.dot, SWIGLU=swiglu, PARTIAL=t.slices > 1, BM=t.block_m, BN=t.block_n,
                                num_warps=t.num_warps, num_stages=t.num_stages)
         if t.slices > 1:
-            block = 256
-            _sum_slices_kernel[(triton.cdiv(m * n_out, block),)](partial, out, m, n_out, n_out, t.slices,
-                                                                 SWIGLU=swiglu, BLOCK=block, num_warps=4)
+            sum_splits(partial, out, swiglu)
     return out

@@ -23,6 +23,8 @@ from pipellm_core.model.kernels import quant_matmul
 try:
     import triton
     import triton.language as tl
+
+    from pipellm_core.model.kernels.activation_q8 import round_half_even
 except ImportError:  # pragma: no cover - the torch path serves
     triton = None
 
@@ -38,13 +40,6 @@ def supports(h: torch.Tensor, round_q8: bool) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _round_half_even(v):
-        r = tl.floor(v + 0.5)
-        tie = (r - v) == 0.5
-        odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
-        return tl.where(tie & odd, r - 1.0, r)
-
-    @triton.jit
     def _normalize_and_store(x, offs, ok, inv_rms, w_ptr, out_ptr, ROUND_Q8: tl.constexpr):
         """x [G, 32] (float32, h + delta) -> fp16 rms_norm(x) * weight, optionally q8-rounded."""
         w = tl.load(w_ptr + offs, mask=ok, other=0.0)
@@ -53,7 +48,7 @@ if triton is not None:
             y32 = y.to(tl.float32)
             d = tl.math.div_rn(tl.max(tl.abs(y32), axis=1), 127.0)
             inv = tl.where(d > 0, tl.math.div_rn(1.0, tl.where(d > 0, d, 1.0)), 0.0)
-            q = _round_half_even(y32 * inv[:, None])
+            q = round_half_even(y32 * inv[:, None])
             d16 = d.to(tl.float16).to(tl.float32)
             y = (q * d16[:, None]).to(tl.float16)
         tl.store(out_ptr + offs, y, mask=ok)

@@ -40,6 +40,8 @@ from gguf import GGMLQuantizationType as T
 try:
     import triton
     import triton.language as tl
+
+    from pipellm_core.model.kernels.epilogues import silu_times, sum_splits
 except ImportError:  # pragma: no cover - only the layout and `dequantize` serve then
     triton = None
 
@@ -175,10 +177,6 @@ if triton is not None:
         return tl.sum(acc, axis=2)
 
     @triton.jit
-    def _silu_times(gate, up):
-        return gate / (1.0 + tl.exp(-gate)) * up
-
-    @triton.jit
     def _gemv_kernel(x_ptr, w8, w32, w16, out_ptr, M, N, stride_xm, row_bytes, words_per_split, stride_os,
                      NB: tl.constexpr, FOUR_BIT: tl.constexpr, HAS_MIN: tl.constexpr, ALIGNED: tl.constexpr,
                      SWIGLU: tl.constexpr, SPLIT: tl.constexpr,
@@ -208,28 +206,8 @@ if triton is not None:
             if SWIGLU:
                 up = _gemv_rows(x_ptr, w8, w32, w16, rn + N, n_ok, M, stride_xm, row_bytes, w_start, w_end,
                                 NB, FOUR_BIT, HAS_MIN, ALIGNED, BLOCK_M, BLOCK_N, BLOCK_W)
-                acc = _silu_times(acc, up)
+                acc = silu_times(acc, up)
             tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(tl.float16), mask=o_ok)
-
-    @triton.jit
-    def _reduce_splits_kernel(part_ptr, out_ptr, M, N, splits, stride_os,
-                              SWIGLU: tl.constexpr, BLOCK: tl.constexpr):
-        """out fp16 [M, N] = the sum of the partials over splits, in split order."""
-        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        ok = i < M * N
-        m = i // N
-        j = i % N
-        rows_w = N * 2 if SWIGLU else N
-        src = part_ptr + m * rows_w + j
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        up = tl.zeros((BLOCK,), dtype=tl.float32)
-        for s in range(0, splits):
-            acc += tl.load(src + s * stride_os, mask=ok, other=0.0)
-            if SWIGLU:
-                up += tl.load(src + s * stride_os + N, mask=ok, other=0.0)
-        if SWIGLU:
-            acc = _silu_times(acc, up)
-        tl.store(out_ptr + i, acc.to(tl.float16), mask=ok)
 
     @triton.jit
     def _tiled_rows(x_ptr, w8, w32, w16, rm, rows, row_ok, M, stride_xm, row_bytes,
@@ -287,7 +265,7 @@ if triton is not None:
         if SWIGLU:
             up = _tiled_rows(x_ptr, w8, w32, w16, rm, rn + N, n_ok, M, stride_xm, row_bytes,
                              NB, FOUR_BIT, HAS_MIN, ALIGNED, BLOCK_M, BLOCK_N, BLOCK_W)
-            acc = _silu_times(acc, up)
+            acc = silu_times(acc, up)
         o_ok = (rm < M)[:, None] & n_ok[None, :]
         tl.store(out_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], acc.to(tl.float16), mask=o_ok)
 
@@ -368,9 +346,7 @@ def matmul(x: torch.Tensor, w: torch.Tensor, qtype, n: int, k: int, *, swiglu: b
                                SWIGLU=swiglu, SPLIT=splits > 1, BLOCK_M=_pow2_at_least(m), BLOCK_N=block_n,
                                BLOCK_W=block_w, num_warps=num_warps)
             if splits > 1:
-                block = 256
-                _reduce_splits_kernel[(triton.cdiv(m * rows, block),)](
-                    part, out, m, rows, splits, stride_os, SWIGLU=swiglu, BLOCK=block, num_warps=4)
+                sum_splits(part, out, swiglu)
         else:
             block_m, block_n, block_w, num_warps = tiled_tiles(m, rows, words)
             grid = (triton.cdiv(rows, block_n), triton.cdiv(m, block_m))
