@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
-COMMANDS = [[], ["run"], ["bench"], ["plugins"]]
+COMMANDS = [[], ["run"], ["bench"], ["plugins"], ["serve"]]
 
 
 def render() -> str:
