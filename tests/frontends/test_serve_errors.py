@@ -3,6 +3,7 @@ server still serving afterwards; /health while the model loads; engine failures.
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -117,7 +118,6 @@ def test_unknown_fields_are_ignored_and_usage_is_in_every_answer(api):
         lines = [line for line in s.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
     assert all(line.startswith("data: ") or line.startswith(":") for line in lines)
-    import json
     events = [json.loads(line[6:]) for line in lines[:-1] if line.startswith("data: ")]
     assert events[-2]["choices"][0]["finish_reason"] == "length" and events[-2]["usage"]["completion_tokens"] == 3
     assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 3
