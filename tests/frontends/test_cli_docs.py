@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
-COMMANDS = [[], ["run"], ["bench"], ["compare"], ["plugins"]]
+COMMANDS = [[], ["run"], ["bench"], ["compare"], ["plugins"], ["serve"]]
 
 
 def render() -> str:
