@@ -63,7 +63,7 @@ class ContinuousBatcher:
             raise ContextLengthError(f"prompt of {n} tokens does not fit the context of "
                                      f"{self.ctx_size} (raise -c/--ctx-size)")
 
-    def _accept(self, req: Request, token: int) -> bool:
+    def accept_token(self, req: Request, token: int) -> bool:
         """Record a sampled token; returns whether the caller should see it."""
         if self.tokenizer.is_end_of_generation(token) and not req.ignore_eos:
             req.finish_reason = "stop"
@@ -90,13 +90,13 @@ class ContinuousBatcher:
             if admitted:
                 with self.step_timer() as t:
                     logits = self.prefill_logits(admitted)
-                    picks = self._pick(admitted, logits)
+                    picks = self.pick_tokens(admitted, logits)
                 self.stats.prefill_tokens += sum(len(r.prompt_tokens) for r in admitted)
                 self.stats.prefill_seconds += t.seconds
                 for req, tok in zip(admitted, picks):
                     if req.max_tokens <= 0:
                         req.finish_reason = "length"
-                    elif self._accept(req, tok):
+                    elif self.accept_token(req, tok):
                         yield req, tok
                 active += admitted
             active = self._retire(active, free)
@@ -104,17 +104,17 @@ class ContinuousBatcher:
                 continue
             with self.step_timer() as t:
                 logits = self.decode_logits(active)
-                picks = self._pick(active, logits)
+                picks = self.pick_tokens(active, logits)
             self.stats.decode_seconds += t.seconds
             self.stats.decode_tokens += len(active)
             self.stats.decode_steps += 1
             for req, tok in zip(active, picks):
-                if not req.finished and self._accept(req, tok):
+                if not req.finished and self.accept_token(req, tok):
                     yield req, tok
             active = self._retire(active, free)
 
     @staticmethod
-    def _pick(reqs: list[Request], logits) -> list[int]:
+    def pick_tokens(reqs: list[Request], logits) -> list[int]:
         """Next token of each request; all-greedy batches take one argmax (one device sync)."""
         if all(r.params.greedy and r.params.repeat_penalty == 1.0 for r in reqs):
             stacked = logits if isinstance(logits, torch.Tensor) else torch.stack(list(logits))

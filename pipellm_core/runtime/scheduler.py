@@ -3,7 +3,7 @@ arrive at any time.
 
 `ContinuousBatcher.generate` batches a list of requests known before it starts. A server's
 requests come while others are running, so this loop drives the same parts of the batcher
-(`check_fits`, `prefill_logits`, `decode_logits`, `_pick`, `_accept`, `release_slot`, its
+(`check_fits`, `prefill_logits`, `decode_logits`, `pick_tokens`, `accept_token`, `release_slot`, its
 timer and stats) one step at a time, taking new requests into free slots before each step, in
 the order `generate` uses them: so one request alone gets `generate`'s tokens.
 """
@@ -161,7 +161,7 @@ class EngineLoop:
         try:
             with b.step_timer() as t:
                 logits = b.prefill_logits(reqs)
-                picks = b._pick(reqs, logits)
+                picks = b.pick_tokens(reqs, logits)
         except Exception as e:  # the backend failed: these requests end, the loop goes on
             self._fail(admitted, e)
             return
@@ -174,7 +174,7 @@ class EngineLoop:
             req = job.request
             if req.max_tokens <= 0:
                 req.finish_reason = "length"
-            elif b._accept(req, tok):
+            elif b.accept_token(req, tok):
                 self._deliver(job, tok)
 
     def _decode(self, active: list[Job]) -> None:
@@ -189,7 +189,7 @@ class EngineLoop:
         try:
             with b.step_timer() as t:
                 logits = b.decode_logits(reqs)
-                picks = b._pick(reqs, logits)
+                picks = b.pick_tokens(reqs, logits)
         except Exception as e:
             self._fail(live, e)
             return
@@ -199,7 +199,7 @@ class EngineLoop:
         self.steps.append(StepRecord("decode", len(reqs), t.seconds))
         self._recent_decode.append((time.monotonic(), len(reqs), t.seconds))
         for job, tok in zip(live, picks):
-            if not job.request.finished and b._accept(job.request, tok):
+            if not job.request.finished and b.accept_token(job.request, tok):
                 self._deliver(job, tok)
 
     def _deliver(self, job: Job, token: int) -> None:
