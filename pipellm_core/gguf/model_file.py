@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,11 +10,27 @@ import numpy as np
 from pipellm_core.errors import GGUFError, UnsupportedModelError
 from pipellm_core.gguf.header import check_gguf_header
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 
 # llama.cpp rotates adjacent pairs for `llama` (its converter permutes Q/K to match) and the two
-# halves of each head ("NeoX" style) for `qwen2`.
-ROPE_STYLE = {"llama": "pairs", "qwen2": "halves"}
+# halves of each head ("NeoX" style) for the others.
+ROPE_STYLE = {"llama": "pairs", "qwen2": "halves", "qwen3": "halves", "gemma2": "halves",
+              "gemma3": "halves", "phi3": "halves"}
+
+# Per-head RMSNorm of q and k before RoPE (`attn_q_norm`, `attn_k_norm`).
+QK_NORM_ARCHS = ("qwen3", "gemma3")
+# Gemma's block: embeddings scaled by sqrt(n_embd), a norm after attention and after the
+# feed-forward (`post_attention_norm`, `post_ffw_norm`), GELU-gated feed-forward, local layers.
+GEMMA_ARCHS = ("gemma2", "gemma3")
+# llama.cpp's local/global layer period for Gemma (a layer i is local unless i % period is the
+# last of the period), and the local layers' RoPE base where the file gives none.
+GEMMA_SWA_PERIOD = {"gemma2": 2, "gemma3": 6}
+GEMMA3_LOCAL_ROPE_BASE = 10000.0
+# llama.cpp's default soft-capping values where a Gemma file gives none.
+GEMMA_ATTN_SOFTCAP, GEMMA_FINAL_SOFTCAP = 50.0, 30.0
+# Gemma sizes whose queries llama.cpp scales by 1/sqrt(n_embd / n_head) rather than by
+# 1/sqrt(head size): it recognises them by their layer count (Gemma 2 27B, Gemma 3 27B).
+GEMMA_EMBD_PER_HEAD_SCALE_LAYERS = {"gemma2": 46, "gemma3": 62}
 
 
 @dataclass(frozen=True)
@@ -33,6 +50,33 @@ class ModelConfig:
     rope_dim: int
     rope_linear_scale: float
     name: str = ""
+    qk_norm: bool = False
+    post_norms: bool = False
+    ffn_act: str = "silu"  # the gate's activation: "silu", or "gelu" (tanh approximation)
+    embd_scale: float = 1.0
+    attn_scale: float = 0.0  # queries' scale before attention; 0: 1/sqrt(head_dim)
+    attn_softcap: float = 0.0  # attention scores become cap * tanh(score / cap); 0: none
+    final_softcap: float = 0.0  # the same on the logits
+    sliding_window: int = 0  # a local layer's query sees the last `sliding_window` positions
+    swa_layers: tuple[bool, ...] = ()  # which layers are local (empty: none)
+    rope_base_swa: float = 0.0  # the local layers' RoPE base; 0: rope_base
+    fused_qkv: bool = False  # q, k and v stored as one matrix `attn_qkv` (phi3)
+    fused_gate_up: bool = False  # gate over up stored as one matrix `ffn_up` (phi3)
+    rope_orig_context: int = 0  # beyond this context, `rope_factors_long`; else `_short`
+    rope_attn_factor: float = 1.0  # cos and sin multiplied by it (LongRoPE's attention factor)
+
+    @property
+    def query_scale(self) -> float:
+        return self.attn_scale or 1.0 / math.sqrt(self.head_dim)
+
+    def is_local(self, layer: int) -> bool:
+        return bool(self.swa_layers) and self.swa_layers[layer]
+
+    @property
+    def plain_block(self) -> bool:
+        """A `llama`/`qwen2` block: pre-norms, SwiGLU, global attention scaled by 1/sqrt(head_dim)."""
+        return not (self.qk_norm or self.post_norms or self.ffn_act != "silu" or self.attn_softcap
+                    or any(self.swa_layers) or self.attn_scale)
 
 
 @dataclass(frozen=True)
@@ -102,9 +146,16 @@ class ModelFile:
             linear_scale = float(self.metadata(f"{arch}.rope.scaling.factor", 1.0))
         elif scaling not in ("none", None):
             raise UnsupportedModelError(f"unsupported RoPE scaling {scaling!r} (supported: none, linear)")
+        n_layers = int(self._require(f"{arch}.block_count"))
+        if n_layers <= 0 or n_layers > 10_000:
+            raise GGUFError(f"corrupt GGUF: block_count = {n_layers}")
+        value_length = self.metadata(f"{arch}.attention.value_length")
+        if value_length is not None and int(value_length) != head_dim:
+            raise UnsupportedModelError(f"unsupported: value heads of {int(value_length)} and key heads of "
+                                        f"{head_dim} ({arch}.attention.value_length differs from key_length)")
         config = ModelConfig(
             arch=arch,
-            n_layers=int(self._require(f"{arch}.block_count")),
+            n_layers=n_layers,
             n_embd=n_embd,
             n_heads=n_heads,
             n_kv_heads=n_kv_heads,
@@ -118,11 +169,48 @@ class ModelFile:
             rope_dim=int(self.metadata(f"{arch}.rope.dimension_count", head_dim)),
             rope_linear_scale=linear_scale,
             name=str(self.metadata("general.name", "") or ""),
+            **self._arch_features(arch, n_embd, n_heads, head_dim, n_layers),
         )
-        if config.n_layers <= 0 or config.n_layers > 10_000:
-            raise GGUFError(f"corrupt GGUF: block_count = {config.n_layers}")
         self._check_claims(config)
         return config
+
+    def _arch_features(self, arch: str, n_embd: int, n_heads: int, head_dim: int, n_layers: int) -> dict:
+        """What sets this architecture's block apart from `llama`'s, read as llama.cpp reads it."""
+        out: dict = {"qk_norm": arch in QK_NORM_ARCHS}
+        if arch in GEMMA_ARCHS:
+            out.update(post_norms=True, ffn_act="gelu", embd_scale=math.sqrt(n_embd))
+            out["attn_scale"] = 1.0 / math.sqrt(n_embd / n_heads if n_layers == GEMMA_EMBD_PER_HEAD_SCALE_LAYERS[arch]
+                                                else head_dim)
+            window = self.metadata(f"{arch}.attention.sliding_window")
+            window = int(4096 if window is None and arch == "gemma2" else window or 0)
+            period = GEMMA_SWA_PERIOD[arch]
+            if arch == "gemma3":
+                pattern = self.metadata(f"{arch}.attention.sliding_window_pattern")
+                if isinstance(pattern, list):
+                    raise UnsupportedModelError(f"unsupported: {arch}.attention.sliding_window_pattern as a "
+                                                f"per-layer list (supported: one period)")
+                period = int(pattern) if pattern is not None else period
+            if window < 0 or period < 0:
+                raise GGUFError(f"corrupt GGUF: sliding window {window}, pattern {period}: {self.path}")
+            if window:
+                out["sliding_window"] = window
+                out["swa_layers"] = tuple(period == 0 or i % period < period - 1 for i in range(n_layers))
+                base = self.metadata(f"{arch}.rope.freq_base_swa")
+                if base is None:
+                    base = GEMMA3_LOCAL_ROPE_BASE if arch == "gemma3" else self.metadata(f"{arch}.rope.freq_base", 10000.0)
+                out["rope_base_swa"] = float(base)
+            if arch == "gemma2":
+                out["attn_softcap"] = float(self.metadata(f"{arch}.attn_logit_softcapping", GEMMA_ATTN_SOFTCAP))
+            # llama.cpp caps Gemma 2's logits by default, Gemma 3's only where the file says so
+            default_cap = GEMMA_FINAL_SOFTCAP if arch == "gemma2" else 0.0
+            out["final_softcap"] = float(self.metadata(f"{arch}.final_logit_softcapping", default_cap))
+        if arch == "phi3":
+            out.update(fused_qkv="blk.0.attn_qkv.weight" in self.tensors,
+                       fused_gate_up="blk.0.ffn_gate.weight" not in self.tensors)
+            out["rope_orig_context"] = int(self.metadata(f"{arch}.rope.scaling.original_context_length",
+                                                         self.metadata(f"{arch}.context_length", 2048)))
+            out["rope_attn_factor"] = float(self.metadata(f"{arch}.rope.scaling.attn_factor", 1.0))
+        return out
 
     def _check_claims(self, c: ModelConfig) -> None:
         """Every tensor the metadata implies is in the file, in the shape it implies, so a count
@@ -140,19 +228,35 @@ class ModelFile:
         for i in range(c.n_layers):
             p = f"blk.{i}."
             wanted += [(p + "attn_norm.weight", (c.n_embd,), embd),
-                       (p + "attn_q.weight", (c.n_heads * c.head_dim, c.n_embd), f"{q}, {embd}"),
-                       (p + "attn_k.weight", (c.n_kv_heads * c.head_dim, c.n_embd), f"{kv}, {embd}"),
-                       (p + "attn_v.weight", (c.n_kv_heads * c.head_dim, c.n_embd), f"{kv}, {embd}"),
                        (p + "attn_output.weight", (c.n_embd, c.n_heads * c.head_dim), f"{embd}, {q}"),
                        (p + "ffn_norm.weight", (c.n_embd,), embd),
-                       (p + "ffn_gate.weight", (c.n_ff, c.n_embd), f"{ff}, {embd}"),
-                       (p + "ffn_up.weight", (c.n_ff, c.n_embd), f"{ff}, {embd}"),
                        (p + "ffn_down.weight", (c.n_embd, c.n_ff), f"{embd}, {ff}")]
+            if c.fused_qkv:
+                wanted.append((p + "attn_qkv.weight", ((c.n_heads + 2 * c.n_kv_heads) * c.head_dim, c.n_embd),
+                               f"{q}, {kv}, {embd}"))
+            else:
+                wanted += [(p + "attn_q.weight", (c.n_heads * c.head_dim, c.n_embd), f"{q}, {embd}"),
+                           (p + "attn_k.weight", (c.n_kv_heads * c.head_dim, c.n_embd), f"{kv}, {embd}"),
+                           (p + "attn_v.weight", (c.n_kv_heads * c.head_dim, c.n_embd), f"{kv}, {embd}")]
+            if c.fused_gate_up:
+                wanted.append((p + "ffn_up.weight", (2 * c.n_ff, c.n_embd), f"gate and up, {ff}, {embd}"))
+            else:
+                wanted += [(p + "ffn_gate.weight", (c.n_ff, c.n_embd), f"{ff}, {embd}"),
+                           (p + "ffn_up.weight", (c.n_ff, c.n_embd), f"{ff}, {embd}")]
+            if c.qk_norm:
+                wanted += [(p + "attn_q_norm.weight", (c.head_dim,), f"{a}: q/k norms, heads of {c.head_dim}"),
+                           (p + "attn_k_norm.weight", (c.head_dim,), f"{a}: q/k norms, heads of {c.head_dim}")]
+            if c.post_norms:
+                wanted += [(p + "post_attention_norm.weight", (c.n_embd,), f"{a}: post-norms, {embd}"),
+                           (p + "post_ffw_norm.weight", (c.n_embd,), f"{a}: post-norms, {embd}")]
             for bias, size, claim in (("attn_q.bias", c.n_heads * c.head_dim, q),
                                       ("attn_k.bias", c.n_kv_heads * c.head_dim, kv),
                                       ("attn_v.bias", c.n_kv_heads * c.head_dim, kv)):
                 if p + bias in self.tensors:
                     wanted.append((p + bias, (size,), claim))
+        if c.arch == "phi3" and ("rope_factors_long.weight" in self.tensors or "rope_factors_short.weight" in self.tensors):
+            for name in ("rope_factors_long.weight", "rope_factors_short.weight"):
+                wanted.append((name, (c.rope_dim // 2,), f"{a}.rope.dimension_count = {c.rope_dim}"))
         for name, shape, claim in wanted:
             info = self.tensors.get(name)
             if info is None:

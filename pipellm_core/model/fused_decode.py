@@ -41,7 +41,10 @@ def norm_applies(h: torch.Tensor, dtype: torch.dtype) -> bool:
 
 
 def applies(config, w, h: torch.Tensor) -> bool:
-    return (w.wqkv is not None and w.w_gate_up is not None and h.dtype == torch.float32
+    """Whether `layer` computes this layer: a plain pre-norm SwiGLU block with global attention
+    (q/k norms, post-norms, GELU, soft-capping, local windows and other query scales are left to
+    the torch path)."""
+    return (config.plain_block and w.wqkv is not None and w.w_gate_up is not None and h.dtype == torch.float32
             and products.runs_here(h.device) and config.head_dim in ATTENTION_HEAD_DIMS
             and w.wo.layout == w.wqkv.layout)
 
@@ -85,7 +88,7 @@ def would_apply(config, w) -> bool:
     """Whether `applies` would hold for this layer on a GPU, where its matrices are stacked: the
     layer's shape, read from weights that are not stacked (the sim computes on the CPU)."""
     same = lambda parts: len({(m.qtype, m.cols) for m in parts}) == 1  # noqa: E731
-    return (config.head_dim in ATTENTION_HEAD_DIMS and same([w.wq, w.wk, w.wv])
+    return (config.plain_block and config.head_dim in ATTENTION_HEAD_DIMS and same([w.wq, w.wk, w.wv])
             and same([w.w_gate, w.w_up]))
 
 

@@ -40,6 +40,10 @@ class QuantizedMatrix:
     def rows_dequantized(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return self._decode(self.raw[ids.reshape(-1)], dtype).reshape(*ids.shape, self.cols)
 
+    def row_range(self, start: int, stop: int) -> "QuantizedMatrix":
+        """Rows start..stop as a matrix of their own (a view: rows are whole blocks)."""
+        return QuantizedMatrix(self.raw[start:stop], self.qtype, stop - start, self.cols, self.layout)
+
     def to(self, device) -> "QuantizedMatrix":
         return QuantizedMatrix(self.raw.to(device, non_blocking=True), self.qtype, self.rows, self.cols, self.layout)
 
@@ -84,6 +88,10 @@ class LayerWeights:
     bq: torch.Tensor | None = None
     bk: torch.Tensor | None = None
     bv: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None  # per-head RMSNorm weights of q and k [head_dim]
+    k_norm: torch.Tensor | None = None
+    post_attn_norm: torch.Tensor | None = None  # norms of the attention and feed-forward outputs
+    post_ffn_norm: torch.Tensor | None = None
     host: "HostLayer | None" = field(default=None, repr=False, compare=False)  # set on streamed layers
     # q, k and v stacked into one matrix (wq, wk, wv are then views of its rows), and gate over up
     wqkv: QuantizedMatrix | None = field(default=None, repr=False, compare=False)
@@ -132,7 +140,14 @@ def packed_bytes(info: TensorInfo) -> int:
 def packed_layer_bytes(tensors: dict[str, TensorInfo], layer: int) -> int:
     """Bytes of layer `layer` packed into one buffer (`HostLayer`), from the tensor table alone."""
     prefix = f"blk.{layer}."
-    return sum(packed_bytes(info) for name, info in tensors.items() if name.startswith(prefix))
+    total = sum(packed_bytes(info) for name, info in tensors.items() if name.startswith(prefix))
+    # a fused matrix (phi3's attn_qkv, and ffn_up holding gate and up) is packed as its parts,
+    # each aligned on its own: room for the alignment of the parts past the first
+    if prefix + "attn_qkv.weight" in tensors:
+        total += 2 * ALIGN
+    if prefix + "ffn_up.weight" in tensors and prefix + "ffn_gate.weight" not in tensors:
+        total += ALIGN
+    return total
 
 
 @dataclass
@@ -196,6 +211,7 @@ class ModelWeights:
     output: QuantizedMatrix  # the embedding itself when the head is tied
     rope_freqs: torch.Tensor | None = None
     layer_devices: list[torch.device] = field(default_factory=list)
+    rope_factors: dict[str, torch.Tensor] = field(default_factory=dict)  # phi3: "long", "short"
 
 
 def _host_bytes(info: TensorInfo) -> torch.Tensor:
@@ -250,14 +266,27 @@ def load_weights(mf: ModelFile, plan: LoadPlan, progress: bool = True) -> ModelW
         matrix = lambda info, device: _matrix(info, device, p.device)  # noqa: E731
         get = lambda suffix, make: take(f"blk.{i}.{suffix}", make, dev)  # noqa: E731
         opt = lambda suffix: take(f"blk.{i}.{suffix}", _vector, dev) if f"blk.{i}.{suffix}" in t else None  # noqa: E731
+        c = mf.config
+        if c.fused_qkv:  # phi3: one matrix, q then k then v by rows
+            qkv = get("attn_qkv.weight", matrix)
+            nq, nkv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+            wq, wk, wv = qkv.row_range(0, nq), qkv.row_range(nq, nq + nkv), qkv.row_range(nq + nkv, nq + 2 * nkv)
+        else:
+            wq, wk, wv = get("attn_q.weight", matrix), get("attn_k.weight", matrix), get("attn_v.weight", matrix)
+        if c.fused_gate_up:  # phi3: gate's rows over up's
+            gate_up = get("ffn_up.weight", matrix)
+            w_gate, w_up = gate_up.row_range(0, c.n_ff), gate_up.row_range(c.n_ff, 2 * c.n_ff)
+        else:
+            w_gate, w_up = get("ffn_gate.weight", matrix), get("ffn_up.weight", matrix)
         lw = LayerWeights(
             attn_norm=get("attn_norm.weight", _vector),
-            wq=get("attn_q.weight", matrix), wk=get("attn_k.weight", matrix),
-            wv=get("attn_v.weight", matrix), wo=get("attn_output.weight", matrix),
+            wq=wq, wk=wk, wv=wv, wo=get("attn_output.weight", matrix),
             ffn_norm=get("ffn_norm.weight", _vector),
-            w_gate=get("ffn_gate.weight", matrix), w_up=get("ffn_up.weight", matrix),
+            w_gate=w_gate, w_up=w_up,
             w_down=get("ffn_down.weight", matrix),
             bq=opt("attn_q.bias"), bk=opt("attn_k.bias"), bv=opt("attn_v.bias"),
+            q_norm=opt("attn_q_norm.weight"), k_norm=opt("attn_k_norm.weight"),
+            post_attn_norm=opt("post_attention_norm.weight"), post_ffn_norm=opt("post_ffw_norm.weight"),
         )
         if not p.resident:
             lw = HostLayer.pack(lw).weights
@@ -273,6 +302,10 @@ def load_weights(mf: ModelFile, plan: LoadPlan, progress: bool = True) -> ModelW
     else:
         output = _matrix(t["token_embd.weight"], head_dev)
     rope_freqs = take("rope_freqs.weight", _vector, "cpu") if "rope_freqs.weight" in t else None
+    rope_factors = {}
+    for kind in ("long", "short"):
+        if f"rope_factors_{kind}.weight" in t:
+            rope_factors[kind] = take(f"rope_factors_{kind}.weight", _vector, "cpu")
     bar.close()
     return ModelWeights(token_embd, layers, output_norm, output, rope_freqs,
-                        [torch.device(plan.layers[i].device) for i in range(mf.config.n_layers)])
+                        [torch.device(plan.layers[i].device) for i in range(mf.config.n_layers)], rope_factors)
