@@ -16,7 +16,7 @@ import os
 import sys
 
 import torch
-from gguf import GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as GGMLType
 
 from pipellm_core.bench.measure import measure_decode
 from pipellm_core.runtime.engine import Engine
@@ -35,7 +35,7 @@ batches = [int(b) for b in (sys.argv[sys.argv.index("--batches") + 1] if "--batc
 shape, qtype = spec.split(":")
 path = f"/tmp/pipeline-{shape}-{qtype}.gguf"
 if not os.path.exists(path):
-    write_random_gguf(path, shape, T[qtype], tokenizer_from=os.environ["PIPELLM_TEST_VOCAB"])
+    write_random_gguf(path, shape, GGMLType[qtype], tokenizer_from=os.environ["PIPELLM_TEST_VOCAB"])
 configs = sys.argv[sys.argv.index("--configs") + 1] if "--configs" in sys.argv else \
     "none;graphs;pipeline@1;pipeline@2;pipeline,graphs@1;pipeline,graphs@2"
 CONFIGS = []

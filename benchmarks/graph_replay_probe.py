@@ -13,7 +13,7 @@ import os
 import sys
 
 import torch
-from gguf import GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as GGMLType
 
 import pipellm_graphs
 from pipellm_core.runtime.engine import Engine
@@ -36,7 +36,7 @@ if ":" in model:
     shape, qtype = model.split(":")
     path = f"/tmp/probe-{shape}-{qtype}.gguf"
     if not os.path.exists(path):
-        write_random_gguf(path, shape, T[qtype], tokenizer_from=os.environ["PIPELLM_TEST_VOCAB"])
+        write_random_gguf(path, shape, GGMLType[qtype], tokenizer_from=os.environ["PIPELLM_TEST_VOCAB"])
     model = path
 if "--no-empty-cache" in sys.argv:
     cuda_capture.torch.cuda.empty_cache = lambda: None

@@ -16,7 +16,7 @@ import json
 import torch
 import triton
 import triton.testing
-from gguf import GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as GGMLType
 
 from pipellm_core.model.kernels import k_products
 
@@ -24,7 +24,7 @@ SHAPES = [(4096, 4096, False), (1024, 4096, False), (28672, 4096, True), (4096, 
           (49152, 4096, False)]
 ROTATED_BYTES = 512 << 20  # weight copies cycled through per shape: ten times the 50 MB L2
 # byte offsets of the fp16 d (and dmin) fields of a file block, set to sane scales
-SCALE_FIELDS = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}
+SCALE_FIELDS = {GGMLType.Q4_K: (0, 2), GGMLType.Q5_K: (0, 2), GGMLType.Q6_K: (208,)}
 
 
 def copy_bandwidth() -> float:
@@ -69,7 +69,7 @@ def main():
           flush=True)
     rows = []
     for name in args.types.split(","):
-        qtype = T[name]
+        qtype = GGMLType[name]
         for n, k, swiglu in SHAPES:
             w = random_weights(qtype, n, k, gen)
             w_decoded = k_products.dequantize(w, qtype, k, torch.float32)

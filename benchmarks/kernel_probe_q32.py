@@ -19,7 +19,7 @@ import json
 import numpy as np
 import torch
 import triton
-from gguf import GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as GGMLType
 
 from pipellm_core.gguf.synthetic import random_blocks
 from pipellm_core.model.kernels import q32_products as q32
@@ -31,7 +31,7 @@ ROTATE_BYTES = 512 << 20  # weight copies per shape: at least this much, several
 
 
 def words_per_row(qtype, k):
-    return k // 32 * (8 if qtype == T.Q8_0 else 4)
+    return k // 32 * (8 if qtype == GGMLType.Q8_0 else 4)
 
 
 def copy_bandwidth() -> float:
@@ -118,7 +118,7 @@ def main():
     print(f"{'type':5s} {'n':>6s} {'k':>6s} {'swiglu':6s} {'M':>3s} {'us':>9s} {'GB/s':>7s} {'err':>9s}"
           + ("  sweep: best us, (BLOCK_N, BLOCK_W, splits, warps)" if args.sweep else ""))
     for name in args.types.split(","):
-        qtype = T[name]
+        qtype = GGMLType[name]
         for n, k, swiglu in shapes:
             ws = weights(qtype, n, k, rng)
             w_bytes = ws[0].numel()

@@ -19,17 +19,17 @@ import platform
 import numpy as np
 import torch
 import triton.testing
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as GGMLType
 
 from pipellm_core.gguf.synthetic import SHAPES, q4_k_m_mix, random_blocks
 from pipellm_core.model.kernels import decode_attention, products, quant_matmul
 
 # model name -> (shape, type of each product, head type)
 MODELS = {
-    "smollm2-135m-q4_1": ("smollm2-135m", lambda name: T.Q4_1, T.Q8_0),
-    "llama-8b-q4_0": ("llama-8b", lambda name: T.Q4_0, T.Q6_K),
-    "llama-8b-q4_k_m": ("llama-8b", lambda name: q4_k_m_mix(name, 0, 32) or T.Q4_K, T.Q6_K),
-    "llama-8b-f16": ("llama-8b", lambda name: T.F16, T.F16),
+    "smollm2-135m-q4_1": ("smollm2-135m", lambda name: GGMLType.Q4_1, GGMLType.Q8_0),
+    "llama-8b-q4_0": ("llama-8b", lambda name: GGMLType.Q4_0, GGMLType.Q6_K),
+    "llama-8b-q4_k_m": ("llama-8b", lambda name: q4_k_m_mix(name, 0, 32) or GGMLType.Q4_K, GGMLType.Q6_K),
+    "llama-8b-f16": ("llama-8b", lambda name: GGMLType.F16, GGMLType.F16),
 }
 
 
@@ -45,7 +45,7 @@ def weight_copies(qtype, n: int, k: int, copies: int, rng):
     """`copies` random [n, k] matrices of `qtype` on the GPU, in the layout the engine uses."""
     out = []
     for _ in range(copies):
-        if qtype == T.F16:
+        if qtype == GGMLType.F16:
             out.append((torch.randn(n, k, device="cuda") * 0.02).half())
             continue
         block = GGML_QUANT_SIZES[qtype][0]
@@ -55,7 +55,7 @@ def weight_copies(qtype, n: int, k: int, copies: int, rng):
 
 
 def product(qtype, x, w, n, k, swiglu):
-    if qtype == T.F16:
+    if qtype == GGMLType.F16:
         y = quant_matmul.dense_matmul(x, w)
         if swiglu:
             g, u = y.chunk(2, dim=-1)
@@ -101,7 +101,7 @@ def main() -> None:
                  ("down", type_of("ffn_down"), s.n_embd, s.n_ff, False),
                  ("head", head_type, s.vocab_size, s.n_embd, False)]
         for name, qtype, n, k, swiglu in prods:
-            if qtype == T.F16:
+            if qtype == GGMLType.F16:
                 wbytes = n * k * 2
             else:
                 block, size = GGML_QUANT_SIZES[qtype]

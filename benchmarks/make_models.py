@@ -5,16 +5,16 @@ import sys
 import time
 from pathlib import Path
 
-from gguf import GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as GGMLType
 
 from pipellm_core.gguf.synthetic import q4_k_m_mix, write_random_gguf
 
 MODELS = [
-    ("smollm2-135m-q4_1.gguf", "smollm2-135m", T.Q4_1, dict(embedding_type=T.Q8_0)),
-    ("llama-8b-q4_0.gguf", "llama-8b", T.Q4_0, dict(embedding_type=T.Q4_0, output_type=T.Q6_K)),
-    ("llama-8b-q4_k_m.gguf", "llama-8b", T.Q4_K,
-     dict(embedding_type=T.Q4_K, output_type=T.Q6_K, layer_types=q4_k_m_mix)),
-    ("llama-8b-f16.gguf", "llama-8b", T.F16, {}),
+    ("smollm2-135m-q4_1.gguf", "smollm2-135m", GGMLType.Q4_1, dict(embedding_type=GGMLType.Q8_0)),
+    ("llama-8b-q4_0.gguf", "llama-8b", GGMLType.Q4_0, dict(embedding_type=GGMLType.Q4_0, output_type=GGMLType.Q6_K)),
+    ("llama-8b-q4_k_m.gguf", "llama-8b", GGMLType.Q4_K,
+     dict(embedding_type=GGMLType.Q4_K, output_type=GGMLType.Q6_K, layer_types=q4_k_m_mix)),
+    ("llama-8b-f16.gguf", "llama-8b", GGMLType.F16, {}),
 ]
 
 out = Path(sys.argv[1])

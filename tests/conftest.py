@@ -25,13 +25,13 @@ def smollm2_path() -> str:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, smollm2_path):
     """Small random-weight GGUFs (F32, so llama.cpp computes them exactly as we do)."""
-    from gguf import GGMLQuantizationType as T
+    from gguf import GGMLQuantizationType as GGMLType
 
     from pipellm_core.gguf.synthetic import write_random_gguf
 
     d = tmp_path_factory.mktemp("models")
     return {
-        arch: write_random_gguf(str(d / f"{arch}.gguf"), f"tiny-{arch}", T.F32,
+        arch: write_random_gguf(str(d / f"{arch}.gguf"), f"tiny-{arch}", GGMLType.F32,
                                 tokenizer_from=smollm2_path, std=0.3, seed=7)
         for arch in ("qwen2", "llama")
     }

@@ -9,7 +9,7 @@ bit for bit in the tests. The layouts follow ggml's `block_*` structs.
 from __future__ import annotations
 
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as GGMLType
 
 from pipellm_core.errors import UnsupportedModelError
 
@@ -165,9 +165,9 @@ def _f32(b):
 
 
 DECODERS = {
-    T.F32: _f32, T.F16: _f16_all, T.BF16: _bf16,
-    T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q5_0: _q5_0, T.Q5_1: _q5_1, T.Q8_0: _q8_0,
-    T.Q2_K: _q2_k, T.Q3_K: _q3_k, T.Q4_K: _q4_k, T.Q5_K: _q5_k, T.Q6_K: _q6_k,
+    GGMLType.F32: _f32, GGMLType.F16: _f16_all, GGMLType.BF16: _bf16,
+    GGMLType.Q4_0: _q4_0, GGMLType.Q4_1: _q4_1, GGMLType.Q5_0: _q5_0, GGMLType.Q5_1: _q5_1, GGMLType.Q8_0: _q8_0,
+    GGMLType.Q2_K: _q2_k, GGMLType.Q3_K: _q3_k, GGMLType.Q4_K: _q4_k, GGMLType.Q5_K: _q5_k, GGMLType.Q6_K: _q6_k,
 }
 SUPPORTED_TYPES = tuple(t.name for t in DECODERS)
 
@@ -184,7 +184,7 @@ def row_bytes(qtype, cols: int) -> int:
     return cols // block * size
 
 
-_STORED_AS = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}
+_STORED_AS = {GGMLType.F32: torch.float32, GGMLType.F16: torch.float16, GGMLType.BF16: torch.bfloat16}
 
 
 def dequantize(raw: torch.Tensor, qtype, cols: int, dtype=torch.float32) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as GGMLType, GGUFReader, GGUFValueType, GGUFWriter
 
 
 @dataclass(frozen=True)
@@ -92,12 +92,12 @@ SHAPES = {
 
 # byte offsets of the fp16 scale fields in one block of each type ("d", and "m"/"dmin" at +2)
 SCALE_FIELDS = {
-    T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,),
-    T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,),
+    GGMLType.Q4_0: (0,), GGMLType.Q4_1: (0, 2), GGMLType.Q5_0: (0,), GGMLType.Q5_1: (0, 2), GGMLType.Q8_0: (0,),
+    GGMLType.Q2_K: (80, 82), GGMLType.Q3_K: (108,), GGMLType.Q4_K: (0, 2), GGMLType.Q5_K: (0, 2), GGMLType.Q6_K: (208,),
 }
 
 
-def random_blocks(qtype: T, n_blocks: int, rng: np.random.Generator, scale: float = 0.002) -> np.ndarray:
+def random_blocks(qtype: GGMLType, n_blocks: int, rng: np.random.Generator, scale: float = 0.002) -> np.ndarray:
     """Random blocks of `qtype` ([n_blocks, bytes per block], uint8) with sane fp16 scales."""
     size = GGML_QUANT_SIZES[qtype][1]
     blocks = rng.integers(0, 256, size=(n_blocks, size), dtype=np.uint8)
@@ -107,22 +107,22 @@ def random_blocks(qtype: T, n_blocks: int, rng: np.random.Generator, scale: floa
     if len(fields) > 1:
         # a min that centres the block on zero: -8 steps (Q4_1), -16 (Q5_1); the K types
         # subtract dmin times a 6-bit (Q2_K: 4-bit) min whose mean equals their scales' mean
-        centre = {T.Q4_1: -8, T.Q5_1: -16, T.Q2_K: 1.5, T.Q4_K: 7.5, T.Q5_K: 15.5}[qtype]
+        centre = {GGMLType.Q4_1: -8, GGMLType.Q5_1: -16, GGMLType.Q2_K: 1.5, GGMLType.Q4_K: 7.5, GGMLType.Q5_K: 15.5}[qtype]
         m = (d.astype(np.float32) * centre).astype(np.float16)
         blocks[:, fields[1]:fields[1] + 2] = m.view(np.uint8).reshape(n_blocks, 2)
     return blocks
 
 
-def _random_tensor(qtype: T, rows: int, cols: int, rng, std: float) -> np.ndarray:
-    if qtype == T.F32:
+def _random_tensor(qtype: GGMLType, rows: int, cols: int, rng, std: float) -> np.ndarray:
+    if qtype == GGMLType.F32:
         return (rng.standard_normal((rows, cols), dtype=np.float32) * std)
-    if qtype == T.F16:
+    if qtype == GGMLType.F16:
         return (rng.standard_normal((rows, cols), dtype=np.float32) * std).astype(np.float16)
     block = GGML_QUANT_SIZES[qtype][0]
     # spread of a block's values is about 4.6 steps (4-bit), 74 (8-bit): pick the step from std
     # (the K types' sub-block scales, random bytes, multiply a step by about their mean)
-    step = std / {T.Q8_0: 74.0, T.Q5_0: 9.2, T.Q5_1: 9.2, T.Q4_K: 150.0, T.Q5_K: 290.0,
-                  T.Q6_K: 1370.0, T.Q2_K: 10.0}.get(qtype, 4.6)
+    step = std / {GGMLType.Q8_0: 74.0, GGMLType.Q5_0: 9.2, GGMLType.Q5_1: 9.2, GGMLType.Q4_K: 150.0, GGMLType.Q5_K: 290.0,
+                  GGMLType.Q6_K: 1370.0, GGMLType.Q2_K: 10.0}.get(qtype, 4.6)
     blocks = random_blocks(qtype, rows * cols // block, rng, step)
     return blocks.reshape(rows, -1)
 
@@ -151,7 +151,7 @@ def copy_tokenizer(writer: GGUFWriter, source: str, renamed: dict[int, str] | No
     return vocab
 
 
-def q4_k_m_mix(name: str, layer: int, n_layers: int) -> T | None:
+def q4_k_m_mix(name: str, layer: int, n_layers: int) -> GGMLType | None:
     """The type llama.cpp's quantizer gives a layer matrix in a Q4_K_M file where it departs from
     Q4_K: Q6_K for `attn_v` and `ffn_down` in the first and last eighth of the layers and in
     every third layer between (its `use_more_bits` rule)."""
@@ -159,11 +159,11 @@ def q4_k_m_mix(name: str, layer: int, n_layers: int) -> T | None:
         return None
     eighth = n_layers // 8
     more = layer < eighth or layer >= 7 * n_layers // 8 or (layer - eighth) % 3 == 2
-    return T.Q6_K if more else None
+    return GGMLType.Q6_K if more else None
 
 
-def write_random_gguf(path: str, shape: Shape | str, qtype: T = T.Q4_0, *, tokenizer_from: str | None,
-                      embedding_type: T | None = None, output_type: T | None = None,
+def write_random_gguf(path: str, shape: Shape | str, qtype: T = GGMLType.Q4_0, *, tokenizer_from: str | None,
+                      embedding_type: GGMLType | None = None, output_type: GGMLType | None = None,
                       layer_types=None, seed: int = 0, std: float = 0.02, progress: bool = False) -> str:
     """Write a model of `shape` with random weights in `qtype` and a real tokenizer's metadata
     (copied from the GGUF `tokenizer_from`; without one, a placeholder vocabulary of
@@ -212,17 +212,17 @@ def write_random_gguf(path: str, shape: Shape | str, qtype: T = T.Q4_0, *, token
             w.add_float32(f"{a}.{key}", value)
 
     q, kv = shape.n_heads * hd, shape.n_kv_heads * hd
-    plan: list[tuple[str, T, int, int, float]] = [
+    plan: list[tuple[str, GGMLType, int, int, float]] = [
         ("token_embd.weight", embedding_type or qtype, vocab, shape.n_embd, 1.0)]
     if shape.rope_orig_context:  # phi3's LongRoPE: divisors of the angles, about 1 (short) and more (long)
-        plan += [("rope_factors_long.weight", T.F32, 1, rope_dim // 2, -4.0),
-                 ("rope_factors_short.weight", T.F32, 1, rope_dim // 2, -1.2)]
+        plan += [("rope_factors_long.weight", GGMLType.F32, 1, rope_dim // 2, -4.0),
+                 ("rope_factors_short.weight", GGMLType.F32, 1, rope_dim // 2, -1.2)]
     for i in range(shape.n_layers):
         p = f"blk.{i}."
 
         def qt(name):
             return (layer_types and layer_types(name, i, shape.n_layers)) or qtype
-        plan.append((p + "attn_norm.weight", T.F32, 1, shape.n_embd, 0.0))
+        plan.append((p + "attn_norm.weight", GGMLType.F32, 1, shape.n_embd, 0.0))
         if a == "phi3":
             plan.append((p + "attn_qkv.weight", qt("attn_qkv"), q + 2 * kv, shape.n_embd, std))
         else:
@@ -230,12 +230,12 @@ def write_random_gguf(path: str, shape: Shape | str, qtype: T = T.Q4_0, *, token
                      (p + "attn_k.weight", qt("attn_k"), kv, shape.n_embd, std),
                      (p + "attn_v.weight", qt("attn_v"), kv, shape.n_embd, std)]
         if a in ("qwen3", "gemma3"):
-            plan += [(p + "attn_q_norm.weight", T.F32, 1, hd, 0.0),
-                     (p + "attn_k_norm.weight", T.F32, 1, hd, 0.0)]
+            plan += [(p + "attn_q_norm.weight", GGMLType.F32, 1, hd, 0.0),
+                     (p + "attn_k_norm.weight", GGMLType.F32, 1, hd, 0.0)]
         plan.append((p + "attn_output.weight", qt("attn_output"), shape.n_embd, q, std))
         if a in ("gemma2", "gemma3"):
-            plan.append((p + "post_attention_norm.weight", T.F32, 1, shape.n_embd, 0.0))
-        plan.append((p + "ffn_norm.weight", T.F32, 1, shape.n_embd, 0.0))
+            plan.append((p + "post_attention_norm.weight", GGMLType.F32, 1, shape.n_embd, 0.0))
+        plan.append((p + "ffn_norm.weight", GGMLType.F32, 1, shape.n_embd, 0.0))
         if a == "phi3":
             plan.append((p + "ffn_up.weight", qt("ffn_up"), 2 * shape.n_ff, shape.n_embd, std))
         else:
@@ -243,12 +243,12 @@ def write_random_gguf(path: str, shape: Shape | str, qtype: T = T.Q4_0, *, token
                      (p + "ffn_up.weight", qt("ffn_up"), shape.n_ff, shape.n_embd, std)]
         plan.append((p + "ffn_down.weight", qt("ffn_down"), shape.n_embd, shape.n_ff, std))
         if a in ("gemma2", "gemma3"):
-            plan.append((p + "post_ffw_norm.weight", T.F32, 1, shape.n_embd, 0.0))
+            plan.append((p + "post_ffw_norm.weight", GGMLType.F32, 1, shape.n_embd, 0.0))
         if shape.arch == "qwen2":
-            plan += [(p + "attn_q.bias", T.F32, 1, shape.n_embd, std),
-                     (p + "attn_k.bias", T.F32, 1, kv, std),
-                     (p + "attn_v.bias", T.F32, 1, kv, std)]
-    plan.append(("output_norm.weight", T.F32, 1, shape.n_embd, 0.0))
+            plan += [(p + "attn_q.bias", GGMLType.F32, 1, shape.n_embd, std),
+                     (p + "attn_k.bias", GGMLType.F32, 1, kv, std),
+                     (p + "attn_v.bias", GGMLType.F32, 1, kv, std)]
+    plan.append(("output_norm.weight", GGMLType.F32, 1, shape.n_embd, 0.0))
     if not shape.tied_output:
         plan.append(("output.weight", output_type or qtype, vocab, shape.n_embd, std))
 
@@ -263,7 +263,7 @@ def write_random_gguf(path: str, shape: Shape | str, qtype: T = T.Q4_0, *, token
     for name, qt, rows, cols, _ in plan:
         block, size = GGML_QUANT_SIZES[qt]
         nbytes = rows * cols // block * size
-        dtype = {T.F32: np.float32, T.F16: np.float16}.get(qt, np.uint8)
+        dtype = {GGMLType.F32: np.float32, GGMLType.F16: np.float16}.get(qt, np.uint8)
         byte_shape = (rows, cols) if dtype is not np.uint8 else (rows, cols // block * size)
         if rows == 1:
             byte_shape = byte_shape[1:]

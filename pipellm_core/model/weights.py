@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as GGMLType
 
 from pipellm_core.gguf.dequant import check_supported, dequantize
 from pipellm_core.gguf.model_file import ModelFile, TensorInfo
@@ -23,7 +23,7 @@ class QuantizedMatrix:
     layout or rearranged for the GPU kernels (`products.KERNEL_LAYOUT`: the same bytes per row)."""
 
     raw: torch.Tensor
-    qtype: T
+    qtype: GGMLType
     rows: int
     cols: int
     layout: str = products.GGUF_LAYOUT
@@ -159,7 +159,7 @@ class TensorSlot:
     nbytes: int
     dtype: torch.dtype
     shape: tuple[int, ...]
-    qtype: T | None = None  # a QuantizedMatrix's type (then shape is its raw [rows, bytes per row])
+    qtype: GGMLType | None = None  # a QuantizedMatrix's type (then shape is its raw [rows, bytes per row])
     rows: int = 0
     cols: int = 0
     layout: str = products.GGUF_LAYOUT

@@ -5,7 +5,7 @@ from dataclasses import fields, replace
 
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType as T, GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGMLQuantizationType as GGMLType, GGUFReader, GGUFValueType, GGUFWriter
 
 from pipellm_core.errors import GGUFError, UnsupportedModelError
 from pipellm_core.gguf.model_file import ModelFile
@@ -17,7 +17,7 @@ ARCHS = ["qwen3", "gemma2", "gemma3", "phi3"]
 @pytest.fixture(scope="module")
 def arch_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("arch-config")
-    return {a: write_random_gguf(str(d / f"{a}.gguf"), shape(a), T.F32, tokenizer_from=None, seed=1)
+    return {a: write_random_gguf(str(d / f"{a}.gguf"), shape(a), GGMLType.F32, tokenizer_from=None, seed=1)
             for a in ARCHS}
 
 

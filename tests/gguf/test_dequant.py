@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as GGMLType
 from gguf.quants import dequantize as gguf_dequantize
 
 from pipellm_core.gguf.dequant import DECODERS, check_supported, dequantize
@@ -37,12 +37,12 @@ def test_any_scale_bits_match_gguf(qtype):
     assert np.array_equal(np.isfinite(got), finite)
 
 
-@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [GGMLType.F32, GGMLType.F16, GGMLType.BF16], ids=lambda t: t.name)
 def test_float_types_match_gguf(qtype):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((4, 64)).astype(np.float32)
-    raw = {T.F32: x, T.F16: x.astype(np.float16),
-           T.BF16: (x.view(np.uint32) >> 16).astype(np.uint16)}[qtype].view(np.uint8)
+    raw = {GGMLType.F32: x, GGMLType.F16: x.astype(np.float16),
+           GGMLType.BF16: (x.view(np.uint32) >> 16).astype(np.uint16)}[qtype].view(np.uint8)
     expected = gguf_dequantize(raw, qtype)
     got = dequantize(torch.from_numpy(raw.copy()), qtype, 64).numpy()
     np.testing.assert_array_equal(got, expected.astype(np.float32))
@@ -56,4 +56,4 @@ def test_every_listed_type_is_supported():
 
 def test_unsupported_type_names_tensor_and_type():
     with pytest.raises(UnsupportedModelError, match=r"blk\.0\.ffn_up\.weight.*IQ2_XXS"):
-        check_supported(T.IQ2_XXS, "blk.0.ffn_up.weight")
+        check_supported(GGMLType.IQ2_XXS, "blk.0.ffn_up.weight")

@@ -84,11 +84,11 @@ CORRUPTIONS = [
 def small_model(tmp_path_factory):
     """A small complete GGUF (2 layers, 512-token placeholder vocabulary) to corrupt."""
     from dataclasses import replace
-    from gguf import GGMLQuantizationType as T
+    from gguf import GGMLQuantizationType as GGMLType
     from pipellm_core.gguf.synthetic import SHAPES, write_random_gguf
     path = tmp_path_factory.mktemp("fuzz") / "small.gguf"
-    write_random_gguf(str(path), replace(SHAPES["tiny-llama"], vocab_size=512), T.Q8_0,
-                      tokenizer_from=None, embedding_type=T.F16)
+    write_random_gguf(str(path), replace(SHAPES["tiny-llama"], vocab_size=512), GGMLType.Q8_0,
+                      tokenizer_from=None, embedding_type=GGMLType.F16)
     ModelFile(str(path))  # intact, it reads
     return str(path)
 

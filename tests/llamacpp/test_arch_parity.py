@@ -6,7 +6,7 @@ base, phi3's fused matrices, long and short RoPE factors and attention factor, p
 from dataclasses import replace
 
 import pytest
-from gguf import GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as GGMLType
 
 from pipellm_core.gguf.synthetic import SHAPES, write_random_gguf
 from pipellm_core.llamacpp.backend import LlamaCppBackend
@@ -32,7 +32,7 @@ VARIANTS = {
 @pytest.fixture(scope="module")
 def arch_models(tmp_path_factory, vocab_path):
     d = tmp_path_factory.mktemp("arch-models")
-    return {name: write_random_gguf(str(d / f"{name}.gguf"), shape, T.F32, tokenizer_from=vocab_path,
+    return {name: write_random_gguf(str(d / f"{name}.gguf"), shape, GGMLType.F32, tokenizer_from=vocab_path,
                                     std=0.3, seed=7)
             for name, shape in VARIANTS.items()}
 

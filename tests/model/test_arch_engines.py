@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from gguf import GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as GGMLType
 
 from pipellm_core import ablate
 from pipellm_core.gguf.synthetic import SHAPES, write_random_gguf
@@ -21,7 +21,7 @@ from pipellm_core.runtime.sampling import SamplingParams
 def gemma3_q8(tmp_path_factory, vocab_path):
     """Gemma 3 of six layers (local and global), quantized: rounding and dequantization in every step."""
     path = tmp_path_factory.mktemp("arch-engines") / "gemma3.gguf"
-    return write_random_gguf(str(path), "tiny-gemma3", T.Q8_0, tokenizer_from=vocab_path, std=0.3, seed=5)
+    return write_random_gguf(str(path), "tiny-gemma3", GGMLType.Q8_0, tokenizer_from=vocab_path, std=0.3, seed=5)
 
 
 def generate(path, **engine_kw):

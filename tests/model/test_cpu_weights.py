@@ -6,7 +6,7 @@ import gc
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as GGMLType
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipellm_core.errors import PipeLLMError
@@ -17,13 +17,13 @@ from pipellm_core.model.weights import QuantizedMatrix
 
 
 def _matrix(qtype, rows, cols, seed=0):
-    blocks = random_blocks(qtype, rows * cols // 32 if qtype != T.Q6_K else rows * cols // 256,
+    blocks = random_blocks(qtype, rows * cols // 32 if qtype != GGMLType.Q6_K else rows * cols // 256,
                            np.random.default_rng(seed), 0.01)
     return QuantizedMatrix(torch.from_numpy(blocks.reshape(rows, -1)), qtype, rows, cols)
 
 
-@pytest.mark.parametrize("qtype, rows, cols, batch", [(T.Q4_1, 67, 96, 1), (T.Q8_0, 33, 160, 5),
-                                                     (T.Q6_K, 19, 512, 3)])
+@pytest.mark.parametrize("qtype, rows, cols, batch", [(GGMLType.Q4_1, 67, 96, 1), (GGMLType.Q8_0, 33, 160, 5),
+                                                     (GGMLType.Q6_K, 19, 512, 3)])
 def test_kept_copy_gives_the_same_bits(monkeypatch, qtype, rows, cols, batch):
     x = torch.randn(batch, cols)
     monkeypatch.setenv(cpu_weights.BUDGET_ENV, "0")
@@ -43,7 +43,7 @@ def test_kept_copy_gives_the_same_bits(monkeypatch, qtype, rows, cols, batch):
 
 def test_budget_limits_what_is_kept(monkeypatch):
     monkeypatch.setenv(cpu_weights.BUDGET_ENV, str(cpu_weights.bytes_in_use() + 64 * 64 * 4))
-    a, b = _matrix(T.Q4_0, 64, 64, 1), _matrix(T.Q4_0, 64, 64, 2)
+    a, b = _matrix(GGMLType.Q4_0, 64, 64, 1), _matrix(GGMLType.Q4_0, 64, 64, 2)
     x = torch.randn(2, 64)
     linear(x, a)
     linear(x, b)
@@ -56,7 +56,7 @@ def test_nothing_kept_while_operations_are_charged(monkeypatch):
             return func(*args, **(kwargs or {}))
 
     monkeypatch.setenv(cpu_weights.BUDGET_ENV, "1GiB")
-    w = _matrix(T.Q4_1, 32, 64)
+    w = _matrix(GGMLType.Q4_1, 32, 64)
     with Counting():
         linear(torch.randn(1, 64), w)
     assert w.dense is None

@@ -21,15 +21,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 RUN = r"""
 import json, sys, torch
-from gguf import GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as GGMLType
 from pipellm_core.gguf.synthetic import Shape, write_random_gguf
 from pipellm_core.runtime.engine import Engine
 from tests.conftest import IdTokenizer
 
-qtype, path, device = T[sys.argv[1]], sys.argv[2], sys.argv[3]
+qtype, path, device = GGMLType[sys.argv[1]], sys.argv[2], sys.argv[3]
 k_quant = qtype.name.endswith("_K")
 shape = Shape("llama", 2, 256 if k_quant else 128, 512 if k_quant else 256, 4, 2, 512, vocab_size=256)
-write_random_gguf(path, shape, qtype, tokenizer_from=None, output_type=T.Q8_0, seed=3, std=0.05)
+write_random_gguf(path, shape, qtype, tokenizer_from=None, output_type=GGMLType.Q8_0, seed=3, std=0.05)
 e = Engine(path, device=device, max_batch=3, ctx_size=64, dtype=torch.float16, progress=False,
            tokenizer=IdTokenizer(), pad_steps=False)
 fused = e.weights.layers[0].wqkv is not None

@@ -6,7 +6,7 @@ of a float64 product by the decoded weights, outputs filled with NaN before the 
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as GGMLType
 
 from pipellm_core.gguf.dequant import dequantize as decode_file_blocks
 from pipellm_core.gguf.synthetic import random_blocks
@@ -16,7 +16,7 @@ from tests.model.test_kernels import run_in_interpreter
 pytest.importorskip("triton")
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_K, T.Q6_K])
+@pytest.mark.parametrize("qtype", [GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K])
 @pytest.mark.parametrize("rows, blocks_per_row", [(5, 1), (3, 3), (7, 2)])
 def test_layout_round_trip_and_decoding_are_bit_exact(qtype, rows, blocks_per_row):
     rng = np.random.default_rng(rows * 10 + blocks_per_row)
@@ -37,19 +37,19 @@ def test_layout_round_trip_and_decoding_are_bit_exact(qtype, rows, blocks_per_ro
 def test_nibble_s_of_word_j_holds_value_32s_plus_j():
     """Q4_K with d = 1, dmin = 0 and all scales 1 decodes to the quants themselves; word j of the
     kernel's quants holds value 32s + j of the super-block in bits 4s..4s+3."""
-    raw = torch.from_numpy(random_blocks(T.Q4_K, 1, np.random.default_rng(1))).reshape(1, -1)
+    raw = torch.from_numpy(random_blocks(GGMLType.Q4_K, 1, np.random.default_rng(1))).reshape(1, -1)
     raw[0, 0:2] = torch.tensor([1.0], dtype=torch.float16).view(torch.uint8)
     raw[0, 2:4] = 0
     raw[0, 4:16] = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1], dtype=torch.uint8)
-    values = decode_file_blocks(raw, T.Q4_K, 256).reshape(8, 32).to(torch.int32)
-    words = k_products.to_kernel_layout(raw, T.Q4_K)[0, :128].view(torch.int32)
+    values = decode_file_blocks(raw, GGMLType.Q4_K, 256).reshape(8, 32).to(torch.int32)
+    words = k_products.to_kernel_layout(raw, GGMLType.Q4_K)[0, :128].view(torch.int32)
     for s in range(8):
         assert torch.equal((words >> (4 * s)) & 15, values[s])
 
 
 CHECK = r"""
 import numpy as np, torch
-from gguf import GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as GGMLType
 from pipellm_core.gguf.dequant import dequantize
 from pipellm_core.gguf.synthetic import random_blocks
 from pipellm_core.model.kernels import k_products
@@ -61,7 +61,7 @@ rng = np.random.default_rng(0)
 CASES = @CASES@
 for target in @TARGETS@:
     k_products.TARGET_PROGRAMS = target  # small targets: several units per K slice, or no split
-    for qtype in (T.Q4_K, T.Q5_K, T.Q6_K):
+    for qtype in (GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K):
         for m, n, k, swiglu in CASES:
             raw = torch.from_numpy(random_blocks(qtype, n * k // 256, rng, 0.002).reshape(n, -1)).to(dev)
             w = k_products.to_kernel_layout(raw, qtype)

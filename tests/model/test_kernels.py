@@ -49,15 +49,15 @@ def test_kernels_match_the_torch_path_on_cuda():
 
 
 def test_torch_path_where_no_kernel_applies():
-    from gguf import GGMLQuantizationType as T
+    from gguf import GGMLQuantizationType as GGMLType
 
     from pipellm_core.model.kernels import products, quant_matmul
     x = torch.zeros(2, 64, dtype=torch.float16)
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     assert not quant_matmul.supports_dense(x) or interpreted
     assert not quant_matmul.supports_dense(x.float())
-    assert products.layout_for(T.Q4_0, "cpu") == products.GGUF_LAYOUT or interpreted
-    assert products.layout_for(T.Q5_0, "cpu") == products.GGUF_LAYOUT
+    assert products.layout_for(GGMLType.Q4_0, "cpu") == products.GGUF_LAYOUT or interpreted
+    assert products.layout_for(GGMLType.Q5_0, "cpu") == products.GGUF_LAYOUT
 
 
 ROUNDING = r"""

@@ -7,13 +7,13 @@ interpreter on the CPU (a subprocess); the marked test runs them on a GPU at rea
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as GGMLType
 
 from pipellm_core.gguf.dequant import dequantize as dequantize_gguf
 from pipellm_core.gguf.synthetic import random_blocks
 from pipellm_core.model.kernels import q32_products as q32
 
-TYPES = (T.Q4_0, T.Q4_1, T.Q8_0)
+TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0)
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
@@ -32,7 +32,7 @@ def test_layout_round_trip_is_bit_identical_and_decodes_as_gguf(qtype):
 
 CHECK = r"""
 import numpy as np, torch
-from gguf import GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as GGMLType
 from pipellm_core.gguf.synthetic import random_blocks
 from pipellm_core.model.kernels import q32_products as q32
 
@@ -66,7 +66,7 @@ def poisoned_empty(*shape, **kw):
     return t.fill_(float("nan")) if t.is_floating_point() else t
 torch.empty = poisoned_empty
 
-for qtype in (T.Q4_0, T.Q4_1, T.Q8_0):
+for qtype in (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0):
     for m, n, k, swiglu in SHAPES:
         err = check(qtype, m, n, k, swiglu)
         print(qtype.name, m, n, k, swiglu, f"{{err:.2e}}")
@@ -80,11 +80,11 @@ FORCED = r"""
 chosen = q32.gemv_tiles
 for tiles in ((4, 32, 3, 4), (2, 64, 2, 4)):
     q32.gemv_tiles = lambda m, r, w, t=tiles: t
-    for qtype in (T.Q4_0, T.Q4_1, T.Q8_0):
+    for qtype in (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0):
         for m, n, k, swiglu in ((1, 33, 320, False), (3, 40, 576, True), (8, 33, 576, False)):
             check(qtype, m, n, k, swiglu)
 q32.gemv_tiles = chosen
-for qtype in (T.Q4_0, T.Q8_0):
+for qtype in (GGMLType.Q4_0, GGMLType.Q8_0):
     check(qtype, 3, 33, 320, False, kernel="tiled")
     check(qtype, 9, 40, 96, True, kernel="gemv")
 """

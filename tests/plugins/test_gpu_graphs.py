@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from gguf import GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as GGMLType
 
 import pipellm_graphs
 from pipellm_core.runtime.engine import Engine
@@ -31,7 +31,7 @@ def model(request, tmp_path_factory, smollm2_path):
     if request.param == "smollm2":
         return os.environ.get("PIPELLM_GPU_MODEL", smollm2_path)
     path = tmp_path_factory.mktemp("g") / "tiny-q4.gguf"
-    return write_random_gguf(str(path), "tiny-llama", T.Q4_0, tokenizer_from=smollm2_path, std=0.3, seed=3)
+    return write_random_gguf(str(path), "tiny-llama", GGMLType.Q4_0, tokenizer_from=smollm2_path, std=0.3, seed=3)
 
 
 def test_cuda_graphs_give_the_eager_tokens(model):

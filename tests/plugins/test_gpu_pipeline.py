@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from gguf import GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as GGMLType
 
 import pipellm_graphs
 from pipellm_core.runtime.engine import Engine
@@ -25,7 +25,7 @@ EIGHT_LAYERS = Shape("llama", 8, 1024, 2816, 16, 4, 2048)
 @pytest.fixture(scope="module")
 def model(tmp_path_factory, vocab_path):
     path = tmp_path_factory.mktemp("pp") / "eight-layers-q4.gguf"
-    return write_random_gguf(str(path), EIGHT_LAYERS, T.Q4_0, tokenizer_from=vocab_path, std=0.05, seed=13)
+    return write_random_gguf(str(path), EIGHT_LAYERS, GGMLType.Q4_0, tokenizer_from=vocab_path, std=0.05, seed=13)
 
 
 def generate(path, **kw):

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from gguf import GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as GGMLType
 
 import pipellm_graphs
 import pipellm_prefetch
@@ -27,7 +27,7 @@ EIGHT_LAYERS = Shape("llama", 8, 1024, 2816, 16, 4, 2048)
 @pytest.fixture(scope="module")
 def model(tmp_path_factory, vocab_path):
     path = tmp_path_factory.mktemp("p") / "eight-layers-q4.gguf"
-    return write_random_gguf(str(path), EIGHT_LAYERS, T.Q4_0, tokenizer_from=vocab_path, std=0.05, seed=11)
+    return write_random_gguf(str(path), EIGHT_LAYERS, GGMLType.Q4_0, tokenizer_from=vocab_path, std=0.05, seed=11)
 
 
 def run(path, inspect=lambda engine: None, **kw):

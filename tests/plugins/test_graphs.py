@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from gguf import GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as GGMLType
 
 import pipellm_graphs
 from pipellm_core import ablate
@@ -22,7 +22,7 @@ from pipellm_graphs import runner as runner_module
 def q4_model(tmp_path_factory, smollm2_path):
     """A tiny llama with Q4_0 matrices: dequantization and activation rounding in every step."""
     path = tmp_path_factory.mktemp("graphs") / "tiny-q4.gguf"
-    return write_random_gguf(str(path), "tiny-llama", T.Q4_0, tokenizer_from=smollm2_path, std=0.3, seed=3)
+    return write_random_gguf(str(path), "tiny-llama", GGMLType.Q4_0, tokenizer_from=smollm2_path, std=0.3, seed=3)
 
 
 def generate(path, **engine_kw):

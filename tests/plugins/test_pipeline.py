@@ -5,7 +5,7 @@ per-stage steps are captured per GPU), and two GPUs busy at the same time."""
 import warnings
 
 import pytest
-from gguf import GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as GGMLType
 
 import pipellm_graphs
 from pipellm_core.runtime.engine import Engine
@@ -22,7 +22,7 @@ SIX_LAYERS = Shape("llama", 6, 64, 128, 4, 2, 2048)
 @pytest.fixture(scope="module")
 def model(tmp_path_factory, smollm2_path):
     path = tmp_path_factory.mktemp("pipeline") / "six-layers-q4.gguf"
-    return write_random_gguf(str(path), SIX_LAYERS, T.Q4_0, tokenizer_from=smollm2_path, std=0.3, seed=9)
+    return write_random_gguf(str(path), SIX_LAYERS, GGMLType.Q4_0, tokenizer_from=smollm2_path, std=0.3, seed=9)
 
 
 def generate(path, **engine_kw):

@@ -6,7 +6,7 @@ import warnings
 from dataclasses import replace
 
 import pytest
-from gguf import GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as GGMLType
 
 import pipellm_graphs
 import pipellm_prefetch
@@ -26,7 +26,7 @@ SIX_LAYERS = Shape("llama", 6, 64, 128, 4, 2, 2048)
 @pytest.fixture(scope="module")
 def model(tmp_path_factory, smollm2_path):
     path = tmp_path_factory.mktemp("prefetch") / "six-layers-q4.gguf"
-    return write_random_gguf(str(path), SIX_LAYERS, T.Q4_0, tokenizer_from=smollm2_path, std=0.3, seed=5)
+    return write_random_gguf(str(path), SIX_LAYERS, GGMLType.Q4_0, tokenizer_from=smollm2_path, std=0.3, seed=5)
 
 
 def generate(path, **engine_kw):

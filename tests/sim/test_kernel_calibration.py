@@ -7,17 +7,17 @@ import json
 from pathlib import Path
 
 import pytest
-from gguf import GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as GGMLType
 
 from pipellm_core.gguf.synthetic import SHAPES, q4_k_m_mix
 from pipellm_core.sim.calibration import kernel_step_seconds
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "h200"
 CASES = {
-    "smollm2-135m-q4_1": ("smollm2-135m", lambda name, i: T.Q4_1, T.Q8_0),
-    "llama-8b-q4_0": ("llama-8b", lambda name, i: T.Q4_0, T.Q6_K),
-    "llama-8b-q4_k_m": ("llama-8b", lambda name, i: q4_k_m_mix(name, i, 32) or T.Q4_K, T.Q6_K),
-    "llama-8b-f16": ("llama-8b", lambda name, i: T.F16, T.F16),
+    "smollm2-135m-q4_1": ("smollm2-135m", lambda name, i: GGMLType.Q4_1, GGMLType.Q8_0),
+    "llama-8b-q4_0": ("llama-8b", lambda name, i: GGMLType.Q4_0, GGMLType.Q6_K),
+    "llama-8b-q4_k_m": ("llama-8b", lambda name, i: q4_k_m_mix(name, i, 32) or GGMLType.Q4_K, GGMLType.Q6_K),
+    "llama-8b-f16": ("llama-8b", lambda name, i: GGMLType.F16, GGMLType.F16),
 }
 
 
@@ -44,8 +44,8 @@ def test_sim_engine_step_matches_the_h200_on_smollm2(vocab_path, tmp_path):
     from pipellm_core.bench.ablation import ablate
     from pipellm_core.gguf.synthetic import write_random_gguf
 
-    path = write_random_gguf(str(tmp_path / "smollm2.gguf"), "smollm2-135m", T.Q4_1,
-                             tokenizer_from=vocab_path, embedding_type=T.Q8_0)
+    path = write_random_gguf(str(tmp_path / "smollm2.gguf"), "smollm2-135m", GGMLType.Q4_1,
+                             tokenizer_from=vocab_path, embedding_type=GGMLType.Q8_0)
     steps, _ = measured("smollm2-135m-q4_1")
     (row,) = ablate(path, [["graphs"]], backend="sim", batch=1, prompt_tokens=128, n_predict=8,
                     repeats=1, progress=False, sim_profile="h200")

@@ -39,7 +39,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-from gguf import GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as GGMLType
 
 from pipellm_core.gguf.dequant import QK_K, _k4_scales_mins
 
@@ -51,11 +51,11 @@ try:
 except ImportError:  # pragma: no cover - only the torch functions are usable
     triton = None
 
-TYPES = frozenset({T.Q4_K, T.Q5_K, T.Q6_K})
+TYPES = frozenset({GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K})
 
-BLOCK_BYTES = {T.Q4_K: 144, T.Q5_K: 176, T.Q6_K: 210}
-UNIT_WORDS = {T.Q4_K: 32, T.Q5_K: 32, T.Q6_K: 16}
-_KERNEL_TYPE_ID = {T.Q4_K: 0, T.Q5_K: 1, T.Q6_K: 2}
+BLOCK_BYTES = {GGMLType.Q4_K: 144, GGMLType.Q5_K: 176, GGMLType.Q6_K: 210}
+UNIT_WORDS = {GGMLType.Q4_K: 32, GGMLType.Q5_K: 32, GGMLType.Q6_K: 16}
+_KERNEL_TYPE_ID = {GGMLType.Q4_K: 0, GGMLType.Q5_K: 1, GGMLType.Q6_K: 2}
 
 
 # ---- values of a super-block, in row order, from the file's blocks and back -----------------
@@ -158,13 +158,13 @@ def to_kernel_layout(raw: torch.Tensor, qtype) -> torch.Tensor:
     same shape, same device): the same bits, rearranged per row as the module docstring says."""
     b, nb = _blocks(raw, qtype)
     n = raw.shape[0]
-    if qtype == T.Q6_K:
+    if qtype == GGMLType.Q6_K:
         low, high = _q6_low_high(b[..., 0:128], b[..., 128:192])
         parts = [_to_words(low, 16), _q6_high_to_kernel(high), b[..., 192:208], b[..., 208:210]]
     else:
-        qs = b[..., 16:144] if qtype == T.Q4_K else b[..., 48:176]
+        qs = b[..., 16:144] if qtype == GGMLType.Q4_K else b[..., 48:176]
         parts = [_to_words(_k4_low_bits(qs), 32)]
-        if qtype == T.Q5_K:
+        if qtype == GGMLType.Q5_K:
             parts.append(b[..., 16:48])
         parts += [b[..., 4:16], b[..., 0:2], b[..., 2:4]]
     return torch.cat([p.reshape(n, -1) for p in parts], dim=1)
@@ -174,12 +174,12 @@ def from_kernel_layout(kl: torch.Tensor, qtype) -> torch.Tensor:
     """The inverse of `to_kernel_layout`: the file's bytes, bit for bit."""
     _, nb = _blocks(kl, qtype)
     n = kl.shape[0]
-    if qtype == T.Q6_K:
+    if qtype == GGMLType.Q6_K:
         words, high, scales, d = _regions(kl, nb, (128, 64, 16, 2))
         ql, qh = _q6_file_bits(_from_words(words, 16), _q6_high_from_kernel(high))
         blocks = [ql, qh, scales, d]
     else:
-        sizes = (128, 12, 2, 2) if qtype == T.Q4_K else (128, 32, 12, 2, 2)
+        sizes = (128, 12, 2, 2) if qtype == GGMLType.Q4_K else (128, 32, 12, 2, 2)
         words, *rest = _regions(kl, nb, sizes)
         *qh, scales, d, dmin = rest
         blocks = [d, dmin, scales, *qh, _k4_file_qs(_from_words(words, 32))]
@@ -197,13 +197,13 @@ def dequantize(kl: torch.Tensor, qtype, k: int, dtype) -> torch.Tensor:
     def f16(region):
         return region.contiguous().view(torch.float16).float()  # [n, nb, 1]
 
-    if qtype == T.Q6_K:
+    if qtype == GGMLType.Q6_K:
         words, high, scales, d = _regions(kl, nb, (128, 64, 16, 2))
         q = (_from_words(words, 16) | (_q6_high_from_kernel(high) << 4)).to(torch.int32) - 32
         sc = scales.contiguous().view(torch.int8).float()
         w = f16(d).unsqueeze(-1) * sc.unsqueeze(-1) * q.reshape(n, nb, 16, 16).float()
     else:
-        if qtype == T.Q4_K:
+        if qtype == GGMLType.Q4_K:
             words, scales, d, dmin = _regions(kl, nb, (128, 12, 2, 2))
             q = _from_words(words, 32)
         else:

@@ -9,14 +9,14 @@ the older kernels of `quant_matmul`, or the torch path.
 from __future__ import annotations
 
 import torch
-from gguf import GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as GGMLType
 
 from pipellm_core.model.kernels import quant_matmul
 
 GGUF_LAYOUT = "gguf"
 KERNEL_LAYOUT = "kernel"
 # the kernel family that multiplies each type (the sim charges each family at its own speed)
-FAMILY = {T.Q4_0: "q32", T.Q4_1: "q32", T.Q8_0: "q32", T.Q4_K: "k", T.Q5_K: "k", T.Q6_K: "k"}
+FAMILY = {GGMLType.Q4_0: "q32", GGMLType.Q4_1: "q32", GGMLType.Q8_0: "q32", GGMLType.Q4_K: "k", GGMLType.Q5_K: "k", GGMLType.Q6_K: "k"}
 
 
 def product_kind(qtype) -> str:

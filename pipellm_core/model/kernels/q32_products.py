@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from gguf import GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as GGMLType
 
 try:
     import triton
@@ -45,10 +45,10 @@ try:
 except ImportError:  # pragma: no cover - only the layout and `dequantize` serve then
     triton = None
 
-TYPES = frozenset({T.Q4_0, T.Q4_1, T.Q8_0})
+TYPES = frozenset({GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0})
 
 # per type: (bytes per block, bytes of quants per block, number of fp16 fields per block)
-_BLOCKS = {T.Q4_0: (18, 16, 1), T.Q4_1: (20, 16, 2), T.Q8_0: (34, 32, 1)}
+_BLOCKS = {GGMLType.Q4_0: (18, 16, 1), GGMLType.Q4_1: (20, 16, 2), GGMLType.Q8_0: (34, 32, 1)}
 GEMV_MAX_ROWS = 8
 SMS = 132  # multiprocessors of the target GPU; sizes the split over K
 
@@ -91,11 +91,11 @@ def dequantize(kl: torch.Tensor, qtype, k: int, dtype) -> torch.Tensor:
     quant_bytes = _BLOCKS[qtype][1]
     q = kl[:, :nb * quant_bytes].reshape(n, nb, quant_bytes)
     d = _scales(kl, qtype, nb, 0)[:, :, None]
-    if qtype == T.Q8_0:
+    if qtype == GGMLType.Q8_0:
         w = d * q.contiguous().view(torch.int8).float()
     else:
         values = torch.cat([q & 0x0F, q >> 4], dim=-1).float()  # values j and j + 16 share byte j
-        w = d * (values - 8) if qtype == T.Q4_0 else d * values + _scales(kl, qtype, nb, 1)[:, :, None]
+        w = d * (values - 8) if qtype == GGMLType.Q4_0 else d * values + _scales(kl, qtype, nb, 1)[:, :, None]
     return w.reshape(n, k).to(dtype)
 
 
@@ -326,8 +326,8 @@ def matmul(x: torch.Tensor, w: torch.Tensor, qtype, n: int, k: int, *, swiglu: b
     aligned = row_bytes % 4 == 0 and w.storage_offset() % 4 == 0
     w32 = w.view(torch.int32) if aligned else w
     w16 = w.view(torch.float16)
-    four_bit = qtype != T.Q8_0
-    has_min = qtype == T.Q4_1
+    four_bit = qtype != GGMLType.Q8_0
+    has_min = qtype == GGMLType.Q4_1
     words = nb * quant_bytes // 4
     kernel = kernel or ("gemv" if m <= GEMV_MAX_ROWS else "tiled")
     with _on_device_of(x):
