@@ -26,21 +26,21 @@ class DeviceProfile:
     graph_node_s: float  # extra device time per kernel node inside a replayed graph
     copy_setup_s: float  # fixed latency added to every copy
     notes: str = ""  # where the figures come from
-    # pipellm's product kernels on this card, fitted to measured decode steps: for each kind of
-    # product (`products.product_kind`), (rows of the step, fixed seconds, bytes per second);
-    # a kind not listed: the memory bandwidth
-    product_costs: tuple[tuple[str, tuple[tuple[int, float, float], ...]], ...] = ()
+    # pipellm's GPU kernels on this card, fitted to measured decode steps: for each kind of
+    # launch ("small", or a product's `products.product_kind`), (rows of the step, fixed
+    # seconds, bytes per second); a kind not listed: its bytes at the memory bandwidth
+    kernel_costs: tuple[tuple[str, tuple[tuple[int, float, float], ...]], ...] = ()
 
     def kernel_seconds(self, nbytes: float, flops: float) -> float:
         """Duration of a kernel moving `nbytes` through device memory and doing `flops`: the slower bound wins."""
         return max(self.kernel_min_s, nbytes / self.hbm_bytes_per_s, flops / self.flops_per_s)
 
     def launch_seconds(self, kind: str, nbytes: float, rows: int) -> float:
-        """Duration of one of pipellm's GPU kernels (`fused_decode.launches`): a product costs
-        the fixed time and bandwidth fitted for its kind at its number of rows (interpolated
-        between the fitted row counts, in log scale), anything else its bytes at the memory
-        bandwidth; never less than the shortest kernel."""
-        table = dict(self.product_costs).get(kind)
+        """Duration of one of pipellm's GPU kernels (`fused_decode.launches`): the fixed time
+        and bandwidth fitted for its kind at its number of rows (interpolated between the fitted
+        row counts, in log scale), or its bytes at the memory bandwidth where none is fitted;
+        never less than the shortest kernel."""
+        table = dict(self.kernel_costs).get(kind)
         if not table:
             return max(self.kernel_min_s, nbytes / self.hbm_bytes_per_s)
         fixed = _interpolate([(r, f) for r, f, _ in table], rows)
@@ -105,20 +105,19 @@ H200 = replace(
     pinned_h2d_bytes_per_s=55e9,
     pinned_d2h_bytes_per_s=53e9,
     peer_bytes_per_s=450e9,
-    kernel_min_s=2.5e-6,
-    graph_node_s=1.2e-6,
-    product_costs=(
-        ("q32 product", ((1, 0.0, 0.84e12), (8, 10e-6, 0.26e12), (32, 30e-6, 0.142e12))),
-        ("k product", ((1, 0.0, 0.42e12), (8, 0.0, 0.58e12), (32, 0.0, 0.32e12))),
-        ("dense product", ((1, 0.0, 2.9e12), (8, 0.0, 2.7e12), (32, 0.0, 2.35e12))),
+    kernel_costs=(
+        ("small", ((1, 3.3e-6, 4.3e12),)),
+        ("q32 product", ((1, 3.3e-6, 0.84e12), (8, 11e-6, 0.26e12), (32, 31e-6, 0.142e12))),
+        ("k product", ((1, 3.3e-6, 0.42e12), (8, 3.3e-6, 0.58e12), (32, 3.3e-6, 0.32e12))),
+        ("dense product", ((1, 3.3e-6, 2.9e12), (8, 3.3e-6, 2.7e12), (32, 3.3e-6, 2.35e12))),
     ),
     notes=(
         "Measured on our H200: memory, copy bandwidth (4.24 TB/s), pinned copies (55 GB/s). "
-        "The shortest kernel, the per-node cost in a graph and pipellm's product kernels "
-        "(fixed time and bandwidth by rows, per kind) are fitted to the decode steps measured "
-        "at commit e0f22df (benchmarks/results/h200/): SmolLM2 Q4_1, 8B Q4_0, Q4_K_M and F16 at "
-        "batch 1, 8 and 32 come within 8% (tests/sim/test_kernel_calibration.py). Peer bandwidth is "
-        "an estimate for NVLink (NV18); eager host overheads are the H100's."
+        "pipellm's own kernels (fixed time and bandwidth by rows, per kind) are fitted to the "
+        "decode steps measured at commit e0f22df (benchmarks/results/h200/): SmolLM2 Q4_1, 8B "
+        "Q4_0, Q4_K_M and F16 at batch 1, 8 and 32 come within 10% "
+        "(tests/sim/test_kernel_calibration.py). Peer bandwidth is an estimate for NVLink (NV18); "
+        "the other overheads are the H100's."
     ),
 )
 

@@ -88,7 +88,9 @@ def test_smollm2_greedy_32_tokens_reported(smollm2_engine, smollm2_llamacpp):
     ends a continuation, and which ties flip depends on which of llama.cpp's kernels ran."""
     ours = greedy(smollm2_engine, PROMPTS, 32)
     theirs = greedy(smollm2_llamacpp, PROMPTS, 32)
-    assert all(len(a) == 32 for a in ours) and all(len(b) == 32 for b in theirs)
+    # 32 tokens, or fewer where the model ended its answer (both sides end prompt 5 at 6 tokens)
+    assert all(0 < len(a) <= 32 for a in ours) and all(0 < len(b) <= 32 for b in theirs)
+    assert sum(len(a) == 32 for a in ours) >= len(PROMPTS) // 2
     identical = sum(a == b for a, b in zip(ours, theirs))
     prefix = [next((i for i, (s, t) in enumerate(zip(a, b)) if s != t), len(a)) for a, b in zip(ours, theirs)]
     print(f"identical 32-token greedy continuations: {identical} of {len(PROMPTS)}; shared prefixes {prefix}")
