@@ -51,15 +51,12 @@ def run_ring(n_stages: int, n_groups: int,
     in_flight: dict[int, GroupStep] = {}
     tick = idle = 0
     while in_flight or more():
-        if not in_flight:
-            idle += 1
-            if idle > n_groups + n_stages:
-                raise RuntimeError("group pipeline: work is left, but no group starts a step")
-        else:
-            idle = 0
+        if idle > n_groups:
+            raise RuntimeError("group pipeline: work is left, but no group starts a step")
         context = tick_context() if tick_context is not None else None
         if context is not None:
             context.__enter__()
+        ran = False
         try:
             for stage, group in ring_items(tick, n_stages, n_groups):
                 step = in_flight.get(group)
@@ -72,10 +69,12 @@ def run_ring(n_stages: int, n_groups: int,
                     continue  # the group is not at this stage (fewer groups than stages, or idle)
                 step.hidden = run_stage(stage, step)
                 step.next_stage += 1
+                ran = True
         finally:
             if context is not None:
                 context.__exit__(None, None, None)
         for group in [g for g, s in in_flight.items() if s.next_stage == n_stages]:
             finish(in_flight.pop(group))
+        idle = 0 if ran else idle + 1
         yield tick
         tick += 1
