@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from pipellm_core.runtime.batching import ContinuousBatcher, check_context_size
+from pipellm_core.runtime.group_batching import generate_in_groups
 from pipellm_core.runtime.platform import make_platform
 from pipellm_core.errors import PipeLLMError
 from pipellm_core.model.load_plan import LoadPlan
@@ -175,6 +176,29 @@ class Engine(ContinuousBatcher):
             return out if all_logits else out[:, 0]
 
     # --- generation ----------------------------------------------------------------------
+
+    def sequence_groups(self) -> int:
+        """Groups of sequences the `schedule` hook asks to keep in flight across steps (1: one
+        batch, each step through every stage before the next). Asked once, with a one-row
+        step of the padding slot."""
+        if not hasattr(self, "_sequence_groups"):
+            dev = self.plan.embedding_device
+            probe = StepBatch(torch.zeros(1, dtype=torch.long, device=dev), torch.zeros(1, dtype=torch.long, device=dev),
+                              torch.full((1,), self.pad_slot, dtype=torch.long, device=dev), 1)
+            self._sequence_groups = max(1, self.pm.hook.schedule(engine=self, batch=probe).groups)
+        return self._sequence_groups
+
+    def generate(self, requests):
+        """`ContinuousBatcher.generate`; with several groups in flight (`sequence_groups`), the
+        groups' steps overlap across the pipeline stages (`group_batching`)."""
+        groups = self.sequence_groups()
+        if groups > 1:
+            return generate_in_groups(self, requests, groups)
+        return super().generate(requests)
+
+    def group_step_batch(self, reqs: list[Request]) -> StepBatch:
+        """The step of one group of sequences, padded to its shape like a whole batch's."""
+        return self._step_batch(reqs)
 
     def prefill_logits(self, admitted: list[Request]) -> torch.Tensor:
         return self.prefill([r.prompt_tokens for r in admitted], [r.slot for r in admitted])

@@ -79,6 +79,9 @@ class Platform:
         """A context that measures one prefill or decode step (`.seconds` after it)."""
         return Timer()
 
+    def synchronize_stage(self, stage: int) -> None:
+        """The host waits for the work queued so far on the GPU of `stage` (and nothing else)."""
+
     # --- side streams, events, copies ---------------------------------------------------------
 
     def copy_queue(self, name: str) -> "CopyQueue":
@@ -169,6 +172,9 @@ class CudaPlatform(Platform):
             for device, stream in sorted(self.compute_streams.items(), key=lambda kv: kv[0] == self.device):
                 stack.enter_context(_on_stream(stream))
             yield
+
+    def synchronize_stage(self, stage: int) -> None:
+        self.compute_stream(self.engine.stage_device(stage)).synchronize()
 
     def copy_queue(self, name: str) -> "CopyQueue":
         return CudaCopyQueue(self.device)

@@ -47,7 +47,11 @@ class Schedule:
     """The answer of the `schedule` hook: micro-batches, and ticks of (stage, micro-batch index).
 
     Pairs within a tick may run at the same time; a micro-batch must pass stage s before s + 1.
+    `groups` above 1 asks the engine to keep that many groups of sequences in flight across
+    steps (`runtime.group_pipeline`): each group's step is then scheduled alone, as one
+    micro-batch through the stages in order, and the steps of different groups overlap.
     """
 
     micro_batches: list[StepBatch]
     ticks: list[list[tuple[int, int]]]
+    groups: int = 1

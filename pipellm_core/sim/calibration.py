@@ -32,22 +32,33 @@ def _rotate_half(x):
 
 def plain_decode_step(c: ModelConfig, batch: int, ctx: int, device="meta", dtype=torch.bfloat16):
     """A callable running one decode step of a dense model of config `c` (random weights)."""
+    return plain_stage_step(c, range(c.n_layers), batch, ctx, device, dtype)
+
+
+def plain_stage_step(c: ModelConfig, layers: range, batch: int, ctx: int, device="meta",
+                     dtype=torch.bfloat16):
+    """`plain_decode_step` of pipeline stage holding `layers`: the embedding when they start at
+    layer 0, the output norm and head when they end at the last layer, and otherwise a hidden
+    state [batch, 1, n_embd] coming in or going out."""
     e, hd = c.n_embd, c.head_dim
     make = lambda *shape: torch.empty(*shape, device=device, dtype=dtype)  # noqa: E731
-    layers = [dict(attn_norm=make(e), wq=make(c.n_heads * hd, e), wk=make(c.n_kv_heads * hd, e),
-                   wv=make(c.n_kv_heads * hd, e), wo=make(e, c.n_heads * hd), ffn_norm=make(e),
-                   gate=make(c.n_ff, e), up=make(c.n_ff, e), down=make(e, c.n_ff))
-              for _ in range(c.n_layers)]
-    embd, norm, head = make(c.vocab_size, e), make(e), make(c.vocab_size, e)
+    first, last = layers.start == 0, layers.stop == c.n_layers
+    weights = [dict(attn_norm=make(e), wq=make(c.n_heads * hd, e), wk=make(c.n_kv_heads * hd, e),
+                    wv=make(c.n_kv_heads * hd, e), wo=make(e, c.n_heads * hd), ffn_norm=make(e),
+                    gate=make(c.n_ff, e), up=make(c.n_ff, e), down=make(e, c.n_ff))
+               for _ in layers]
+    embd = make(c.vocab_size, e) if first else None
+    norm, head = (make(e), make(c.vocab_size, e)) if last else (None, None)
     cache = [(make(batch, c.n_kv_heads, ctx - 1, hd), make(batch, c.n_kv_heads, ctx - 1, hd))
-             for _ in range(c.n_layers)]
+             for _ in layers]
     tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    hidden_in = None if first else make(batch, 1, e)
     cos = make(batch, 1, 1, hd)
     sin = make(batch, 1, 1, hd)
 
     def step():
-        h = F.embedding(tokens, embd)
-        for w, (kc, vc) in zip(layers, cache):
+        h = F.embedding(tokens, embd) if first else hidden_in
+        for w, (kc, vc) in zip(weights, cache):
             x = _rms_norm(h, w["attn_norm"], c.rms_eps)
             q = F.linear(x, w["wq"]).view(batch, 1, c.n_heads, hd).transpose(1, 2)
             k = F.linear(x, w["wk"]).view(batch, 1, c.n_kv_heads, hd).transpose(1, 2)
@@ -59,7 +70,7 @@ def plain_decode_step(c: ModelConfig, batch: int, ctx: int, device="meta", dtype
             h = h + F.linear(a.transpose(1, 2).reshape(batch, 1, -1), w["wo"])
             x = _rms_norm(h, w["ffn_norm"], c.rms_eps)
             h = h + F.linear(F.silu(F.linear(x, w["gate"])) * F.linear(x, w["up"]), w["down"])
-        return F.linear(_rms_norm(h, norm, c.rms_eps), head).float()
+        return F.linear(_rms_norm(h, norm, c.rms_eps), head).float() if last else h
     return step
 
 

@@ -70,13 +70,16 @@ class SimGraph:
         kernels = [n for n in self.nodes if n.run is None]
         return sum(n.seconds for n in kernels) + len(kernels) * profile.graph_node_s
 
-    def replay(self):
+    def replay(self, compute: bool = True):
         """The step's output, charged as one graph launch: the host pays once, then the nodes
-        run on their streams, each run of kernels on one stream between other operations as one stretch."""
+        run on their streams, each run of kernels on one stream between other operations as one stretch.
+        With `compute=False` only the charges are made (the output is the recorded one): for
+        steps that are priced, never read."""
         costing = self.costing
         profile = costing.runtime.device(costing.device).profile
-        with costing.uncharged():
-            self.output = self.step()
+        if compute:
+            with costing.uncharged():
+                self.output = self.step()
         costing.runtime.host_work(profile.graph_launch_host_s, "graph launch")
         stretch: list[GraphNode] = []
 

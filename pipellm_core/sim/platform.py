@@ -99,6 +99,9 @@ class SimPlatform(Platform):
     def step_timer(self):
         return VirtualTimer(self.runtime)
 
+    def synchronize_stage(self, stage: int) -> None:
+        self.runtime.synchronize(self.layer_gpu[self.engine.plan.stages[stage][0]])
+
     def copy_queue(self, name: str) -> "SimCopyQueue":
         return SimCopyQueue(self.costing, self.runtime.device(self.layer_gpu[0]), name)
 

@@ -5,6 +5,8 @@ At load time the layers are split into contiguous stages of about equal bytes, s
 with the last. Each decode step splits its batch into micro-batches that flow through the stages
 in a fill-and-drain pipeline (`split.pipeline_schedule`), so while GPU 1 runs micro-batch 0,
 GPU 0 already runs micro-batch 1 (with one micro-batch, the default, the GPUs take turns).
+With `pipeline.groups=N` the engine instead keeps N groups of sequences in flight across steps
+(`split.group_schedule`): the steps of different groups overlap, and none drains the pipeline.
 Prefill runs the stages one after another.
 
 Options (`-O pipeline.KEY=VALUE`):
@@ -12,6 +14,9 @@ Options (`-O pipeline.KEY=VALUE`):
                          virtual GPU: `--sim-devices`)
   pipeline.micro_batches micro-batches per decode step (default 1: a plain layer split; more
                          measured slower for decode on 2 H200s, see docs/pipeline.md)
+  pipeline.groups        groups of sequences kept in flight across steps (default 1): with as
+                         many groups as stages, stage s runs group g while stage s-1 runs
+                         group g+1, and no step drains the pipeline (`runtime.group_batching`)
 With `graphs`, each stage's step is captured on its own GPU, one graph per (stage, shape).
 With `prefetch`, streaming needs every streamed layer on one GPU: that combination is refused.
 """
@@ -26,11 +31,11 @@ from pipellm_core.errors import PluginError
 from pipellm_core.hooks.options import PluginOptions
 from pipellm_core.model.weights import packed_layer_bytes
 
-from .split import pipeline_schedule, split_layers
+from .split import group_schedule, pipeline_schedule, split_layers
 
 
 
-OPTIONS = ("stages", "micro_batches")
+OPTIONS = ("stages", "micro_batches", "groups")
 
 
 @hookimpl
@@ -53,7 +58,13 @@ def load(plan, config, engine):
         p.stage = of_layer[i]
         p.device = engine.platform.stage_placement(of_layer[i])
     plan.embedding_device, plan.head_device = plan.layers[0].device, plan.layers[-1].device
-    engine.plugin_state["pipeline"] = (stages, opts.integer("micro_batches", 1))
+    micro, groups = opts.integer("micro_batches", 1), opts.integer("groups", 1)
+    if groups < 1:
+        raise PluginError(f"pipeline: groups must be at least 1, got {groups}")
+    if groups > 1 and micro > 1:
+        raise PluginError("pipeline: groups in flight run each group's step as one micro-batch; "
+                          "leave pipeline.micro_batches at 1")
+    engine.plugin_state["pipeline"] = (stages, micro, groups)
     if engine.progress:
         spans = [[i for i, s in enumerate(of_layer) if s == k] for k in range(stages)]
         print("pipeline: " + ", ".join(f"stage {k}: layers {a[0]}-{a[-1]}" for k, a in enumerate(spans)),
@@ -62,7 +73,9 @@ def load(plan, config, engine):
 
 @hookimpl
 def schedule(engine, batch):
-    stages, micro = engine.plugin_state.get("pipeline", (1, 1))
+    stages, micro, groups = engine.plugin_state.get("pipeline", (1, 1, 1))
+    if groups > 1:
+        return group_schedule(batch, stages, groups)
     if stages == 1:
         return None
     return pipeline_schedule(batch, stages, micro)

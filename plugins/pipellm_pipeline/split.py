@@ -40,3 +40,9 @@ def pipeline_schedule(batch: StepBatch, n_stages: int, n_micro: int) -> Schedule
     for t in range(len(micro) + n_stages - 1):
         ticks.append([(s, t - s) for s in reversed(range(n_stages)) if 0 <= t - s < len(micro)])
     return Schedule(micro, ticks)
+
+
+def group_schedule(batch: StepBatch, n_stages: int, n_groups: int) -> Schedule:
+    """One group's step as one micro-batch through the stages in order, asking the engine to
+    keep `n_groups` groups in flight (`Schedule.groups`): their steps overlap across stages."""
+    return Schedule([batch], [[(s, 0)] for s in range(n_stages)], groups=n_groups)

@@ -1,6 +1,8 @@
 """The pipeline plugin on the sim backend with two virtual GPUs: the split of layers, the
 fill-and-drain schedule, the same greedy tokens as one device (alone and with graphs, whose
-per-stage steps are captured per GPU), and two GPUs busy at the same time."""
+per-stage steps are captured per GPU), and two GPUs busy at the same time; with groups of
+sequences in flight (`pipeline.groups`), the same tokens while sequences join and leave, and the
+two GPUs running different groups' steps at once."""
 
 import warnings
 
@@ -66,6 +68,10 @@ def test_pipeline_gives_the_one_device_tokens(model):
     assert engine.sim.device(1).peak_bytes > 0
     plain, engine = generate(model, sim="h100", sim_devices=2, plugins=["pipeline"])  # default: 1 micro-batch
     assert plain == one
+    assert engine.sequence_groups() == 1  # without pipeline.groups: step by step, as before
+    grouped, engine = generate(model, sim="h100", sim_devices=2, plugins=["pipeline"],
+                               plugin_options={"pipeline.groups": 2})  # eager groups in flight
+    assert grouped == one and engine.sequence_groups() == 2
 
 
 def test_pipeline_composes_with_graphs(model):
@@ -100,3 +106,45 @@ def test_bad_stage_counts(model):
         engine = Engine(model, plugins=["pipeline"], progress=False)
     assert any("pipeline" in str(w.message) for w in caught)
     assert len(engine.plan.stages) == 1
+
+
+def generate_joining(path, **engine_kw):
+    """Five sequences over three cache slots: two join mid-run as others finish."""
+    engine = Engine(path, max_batch=3, ctx_size=512, progress=False, **engine_kw)
+    reqs = [Request(list(range(100, 100 + n)), m, SamplingParams(temperature=0), ignore_eos=True)
+            for n, m in ((40, 9), (7, 3), (20, 6), (12, 5), (30, 4))]
+    for _ in engine.generate(reqs):
+        pass
+    return [r.generated for r in reqs], engine
+
+
+def graph_spans(engine, gpu):
+    return [(e["ts"], e["ts"] + e["dur"]) for e in engine.sim.trace.events()
+            if e.get("ph") == "X" and e["name"].startswith("graph") and e["pid"] == gpu]
+
+
+def test_groups_in_flight_give_the_one_device_tokens_with_graphs(model):
+    one, _ = generate_joining(model, sim="h100")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        two, engine = generate_joining(model, sim="h100", sim_devices=2, plugins=["pipeline", "graphs"],
+                                       plugin_options={"pipeline.groups": 2})
+    assert two == one
+    assert engine.sequence_groups() == 2
+    assert engine.stats.decode_tokens == sum(len(t) - 1 for t in one)  # the first comes from prefill
+    runner = pipellm_graphs.runner_of(engine)
+    assert runner.eager_fallbacks == 0 and {k[0] for k in runner.graphs} == {0, 1}
+    # GPU 0 runs one group's step while GPU 1 runs the other's: the graphs of the two GPUs overlap
+    # for much of the decode, not only at a step's hand-over
+    spans0, spans1 = graph_spans(engine, 0), graph_spans(engine, 1)
+    overlap = sum(max(0.0, min(b0, b1) - max(a0, a1)) for a0, b0 in spans0 for a1, b1 in spans1)
+    assert overlap > 0.3 * sum(b - a for a, b in spans1)
+
+
+def test_group_options(model):
+    with pytest.raises(PluginError, match="micro_batches"):
+        Engine(model, sim="h100", sim_devices=2, plugins=["pipeline"], progress=False,
+               plugin_options={"pipeline.groups": 2, "pipeline.micro_batches": 2})
+    with pytest.raises(PluginError, match="at least 1"):
+        Engine(model, sim="h100", sim_devices=2, plugins=["pipeline"], progress=False,
+               plugin_options={"pipeline.groups": 0})

@@ -1,0 +1,107 @@
+"""Continuous batching over groups of sequences kept in flight through the pipeline stages.
+
+The engine's sequences are split into groups, each with its own cache slots (those of its
+sequences). Each group's decode step runs through the stages as one micro-batch, in the ring of
+`group_pipeline.run_ring`: while the last stage runs group g, the stage before already runs
+group g + 1, and group g's next step starts at stage 0 once its tokens are sampled. A new
+sequence joins the group with the fewest sequences; a finished one leaves its group when the
+group's step is sampled. Prefill still runs all stages for the admitted prompts together.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Iterable, Iterator
+
+from pipellm_core.runtime.group_pipeline import GroupStep, run_ring
+from pipellm_core.runtime.request import Request
+
+
+def fewest(groups: list[list[Request]]) -> int:
+    """The group with the fewest sequences (the first of those on a tie)."""
+    return min(range(len(groups)), key=lambda g: len(groups[g]))
+
+
+def generate_in_groups(engine, requests: Iterable[Request], n_groups: int) -> Iterator[tuple[Request, int]]:
+    """`ContinuousBatcher.generate` for an engine whose pipeline keeps `n_groups` groups in
+    flight: yields (request, token) as tokens come."""
+    n_stages = len(engine.plan.stages)
+    pending = deque(requests)
+    for req in pending:
+        engine.check_fits(req)
+    free = list(range(engine.max_batch))
+    groups: list[list[Request]] = [[] for _ in range(n_groups)]
+    outbox: list[tuple[Request, int]] = []
+    stats = engine.stats
+    prefill_seconds = 0.0
+
+    def release(req: Request) -> None:
+        engine.release_slot(req.slot)
+        free.append(req.slot)
+        free.sort()
+
+    def admit() -> None:
+        nonlocal prefill_seconds
+        admitted = []
+        while pending and free:
+            req = pending.popleft()
+            req.slot = free.pop(0)
+            groups[fewest(groups)].append(req)
+            admitted.append(req)
+        if not admitted:
+            return
+        with engine.step_timer() as t:
+            logits = engine.prefill_logits(admitted)
+            picks = engine.pick_tokens(admitted, logits)
+        stats.prefill_tokens += sum(len(r.prompt_tokens) for r in admitted)
+        stats.prefill_seconds += t.seconds
+        prefill_seconds += t.seconds
+        for req, tok in zip(admitted, picks):
+            if req.max_tokens <= 0:
+                req.finish_reason = "length"
+            elif engine.accept_token(req, tok):
+                outbox.append((req, tok))
+        for req in admitted:
+            if req.finished:  # done at its first token: never part of a step
+                groups[next(g for g, members in enumerate(groups) if req in members)].remove(req)
+                release(req)
+
+    def start(group: int):
+        for req in [r for r in groups[group] if r.finished]:  # ended by the consumer (stop string)
+            groups[group].remove(req)
+            release(req)
+        if not groups[group]:
+            return None
+        reqs = list(groups[group])
+        return reqs, engine.group_step_batch(reqs)
+
+    def run_stage(stage: int, step: GroupStep):
+        _reqs, batch = step.work
+        return engine.decode_stage(stage, batch, step.hidden)
+
+    def finish(step: GroupStep) -> None:
+        reqs, _batch = step.work
+        engine.platform.synchronize_stage(n_stages - 1)  # the host's one wait per group step
+        picks = engine.pick_tokens(reqs, step.hidden.to(engine.device)[: len(reqs)])
+        stats.decode_tokens += len(reqs)
+        stats.decode_steps += 1
+        for req, tok in zip(reqs, picks):
+            if not req.finished and engine.accept_token(req, tok):
+                outbox.append((req, tok))
+        for req in reqs:
+            if req.finished:
+                groups[step.group].remove(req)
+                release(req)
+
+    def more() -> bool:
+        return bool(pending) or any(groups)
+
+    with engine.step_timer() as total:
+        admit()
+        for _tick in run_ring(n_stages, n_groups, start, run_stage, finish, more, engine.running):
+            while outbox:
+                yield outbox.pop(0)
+            admit()  # between ticks, outside the forward passes: a prefill runs every stage
+        while outbox:
+            yield outbox.pop(0)
+    stats.decode_seconds += total.seconds - prefill_seconds
