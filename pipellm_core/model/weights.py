@@ -47,13 +47,6 @@ class QuantizedMatrix:
     def to(self, device) -> "QuantizedMatrix":
         return QuantizedMatrix(self.raw.to(device, non_blocking=True), self.qtype, self.rows, self.cols, self.layout)
 
-    def for_kernels(self) -> "QuantizedMatrix":
-        """This matrix in the kernels' layout (a copy), where its type has one."""
-        if self.layout == products.KERNEL_LAYOUT or products.layout_for(self.qtype, self.raw.device) != products.KERNEL_LAYOUT:
-            return self
-        return QuantizedMatrix(products.to_kernel_layout(self.raw, self.qtype), self.qtype, self.rows, self.cols,
-                               products.KERNEL_LAYOUT)
-
     @property
     def nbytes(self) -> int:
         return self.raw.numel()
@@ -69,7 +62,7 @@ def joined(parts: list[QuantizedMatrix]) -> tuple[QuantizedMatrix, list[Quantize
     whole = QuantizedMatrix(raw, first.qtype, sum(p.rows for p in parts), first.cols, first.layout)
     views, row = [], 0
     for p in parts:
-        views.append(QuantizedMatrix(raw[row: row + p.rows], p.qtype, p.rows, p.cols, p.layout))
+        views.append(whole.row_range(row, row + p.rows))
         row += p.rows
     return whole, views
 
