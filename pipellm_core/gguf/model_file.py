@@ -227,10 +227,7 @@ class ModelFile:
                            f"{embd}, and {c.vocab_size} rows of token_embd.weight"))
         for i in range(c.n_layers):
             p = f"blk.{i}."
-            wanted += [(p + "attn_norm.weight", (c.n_embd,), embd),
-                       (p + "attn_output.weight", (c.n_embd, c.n_heads * c.head_dim), f"{embd}, {q}"),
-                       (p + "ffn_norm.weight", (c.n_embd,), embd),
-                       (p + "ffn_down.weight", (c.n_embd, c.n_ff), f"{embd}, {ff}")]
+            wanted.append((p + "attn_norm.weight", (c.n_embd,), embd))
             if c.fused_qkv:
                 wanted.append((p + "attn_qkv.weight", ((c.n_heads + 2 * c.n_kv_heads) * c.head_dim, c.n_embd),
                                f"{q}, {kv}, {embd}"))
@@ -238,11 +235,14 @@ class ModelFile:
                 wanted += [(p + "attn_q.weight", (c.n_heads * c.head_dim, c.n_embd), f"{q}, {embd}"),
                            (p + "attn_k.weight", (c.n_kv_heads * c.head_dim, c.n_embd), f"{kv}, {embd}"),
                            (p + "attn_v.weight", (c.n_kv_heads * c.head_dim, c.n_embd), f"{kv}, {embd}")]
+            wanted += [(p + "attn_output.weight", (c.n_embd, c.n_heads * c.head_dim), f"{embd}, {q}"),
+                       (p + "ffn_norm.weight", (c.n_embd,), embd)]
             if c.fused_gate_up:
                 wanted.append((p + "ffn_up.weight", (2 * c.n_ff, c.n_embd), f"gate and up, {ff}, {embd}"))
             else:
                 wanted += [(p + "ffn_gate.weight", (c.n_ff, c.n_embd), f"{ff}, {embd}"),
                            (p + "ffn_up.weight", (c.n_ff, c.n_embd), f"{ff}, {embd}")]
+            wanted.append((p + "ffn_down.weight", (c.n_embd, c.n_ff), f"{embd}, {ff}"))
             if c.qk_norm:
                 wanted += [(p + "attn_q_norm.weight", (c.head_dim,), f"{a}: q/k norms, heads of {c.head_dim}"),
                            (p + "attn_k_norm.weight", (c.head_dim,), f"{a}: q/k norms, heads of {c.head_dim}")]
