@@ -173,12 +173,11 @@ def _rewrite(src: str, dst, metadata: dict | None = None, drop: tuple = ()) -> s
      r"'blk\.0\.attn_k\.weight' has shape \(32, 64\), but the metadata claims \(64, 64\) "
      r"\(llama\.attention\.head_count_kv = 4 heads of 16"),
     ({"llama.attention.key_length": 4096}, (),
-     r"'blk\.0\.attn_output\.weight' has shape \(64, 64\), but the metadata claims \(64, 16384\) "
-     r"\(llama\.embedding_length = 64, llama\.attention\.head_count = 4 heads of 4096"),
+     r"'blk\.0\.attn_q\.weight' has shape \(64, 64\), but the metadata claims \(16384, 64\) "
+     r"\(llama\.attention\.head_count = 4 heads of 4096"),
     ({"llama.embedding_length": 128}, (), r"'token_embd\.weight' has shape \(512, 64\), but the "
      r"metadata claims \(512, 128\) \(llama\.embedding_length = 128\)"),
-    ({"llama.feed_forward_length": 4096}, (), r"'blk\.0\.ffn_down\.weight' has shape \(64, 128\), "
-     r"but the metadata claims \(64, 4096\)"),
+    ({"llama.feed_forward_length": 4096}, (), r"'blk\.0\.ffn_gate\.weight' has shape \(128, 64\)"),
     ({"llama.context_length": 0}, (), r"llama\.context_length = 0"),
     ({"llama.rope.dimension_count": 4096}, (), r"llama\.rope\.dimension_count = 4096 for heads of 16"),
     ({"llama.vocab_size": 100000}, (),
