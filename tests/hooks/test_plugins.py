@@ -90,8 +90,9 @@ def test_hooks_are_called_in_order(tiny_models):
     req = Request(engine.tokenizer.encode("Hello"), 3, SamplingParams(temperature=0))
     list(engine.generate([req]))
     names = [c[0] for c in rec.calls[2:]]
-    assert names[:2] == ["prefetch", "prefetch"]  # prefill: both layers
-    assert names[2:6] == ["schedule", "decode", "prefetch", "prefetch"]
+    assert names[0] == "schedule"  # the engine asks once how many groups to keep in flight
+    assert names[1:3] == ["prefetch", "prefetch"]  # prefill: both layers
+    assert names[3:7] == ["schedule", "decode", "prefetch", "prefetch"]
     assert ("prefetch", 1) in rec.calls
 
 
