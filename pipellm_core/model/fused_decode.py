@@ -5,6 +5,7 @@ interpreter), a decode step (one new token per row) of a layer whose q/k/v and g
 are stacked (`LayerWeights.join_for_kernels`) runs instead as:
 
     add_rms_norm        norm of the residual, with llama.cpp's 8-bit rounding of activations
+                        (its quants and scales written too where the product multiplies those)
     qkv product         one matrix-vector product for q, k and v
     rope_and_store      RoPE on q and k, k and v written into the cache at (slot, position)
     decode_attention    split over the context and merged, each slot's cache read where it lies
@@ -26,6 +27,7 @@ import torch
 
 from pipellm_core.model.activation_rounding import rounds_to_q8
 from pipellm_core.model.kernels import products
+from pipellm_core.model.kernels.activation_q8 import Q8Activations
 from pipellm_core.model.linear import linear
 
 ATTENTION_HEAD_DIMS = (32, 64, 96, 128)
@@ -57,8 +59,9 @@ def layer(model, i: int, h: torch.Tensor, positions: torch.Tensor, slots: torch.
     hidden = h.reshape(B, c.n_embd).clone()
     kind = h.device.type
     q8 = rounds_to_q8(w.wqkv.qtype, kind)
-    x = norm.add_rms_norm(hidden, None, w.attn_norm, c.rms_eps, q8)
-    qkv = linear(x, w.wqkv, w.bqkv, rounded=q8)
+    acts = _q8_out(w.wqkv, B, c.n_embd, h.device)
+    x = norm.add_rms_norm(hidden, None, w.attn_norm, c.rms_eps, q8, q8_out=acts)
+    qkv = linear(x, w.wqkv, w.bqkv, rounded=q8, q8=acts)
     cos, sin = model._rope[str(h.device)]
     kc, vc = model.cache.k[i], model.cache.v[i]
     pos = positions.reshape(B)
@@ -67,10 +70,17 @@ def layer(model, i: int, h: torch.Tensor, positions: torch.Tensor, slots: torch.
     attn = attention_kernel.decode_attention(q, kc, vc, slots, pos + 1, ctx_len, 1.0 / math.sqrt(c.head_dim))
     out = linear(attn.reshape(B, -1), w.wo)
     q8 = rounds_to_q8(w.w_gate_up.qtype, kind)
-    x = norm.add_rms_norm(hidden, out, w.ffn_norm, c.rms_eps, q8)
-    act = linear(x, w.w_gate_up, rounded=q8, swiglu=True)
+    acts = _q8_out(w.w_gate_up, B, c.n_embd, h.device)
+    x = norm.add_rms_norm(hidden, out, w.ffn_norm, c.rms_eps, q8, q8_out=acts)
+    act = linear(x, w.w_gate_up, rounded=q8, swiglu=True, q8=acts)
     hidden += linear(act, w.w_down)
     return hidden.reshape(B, 1, c.n_embd)
+
+
+def _q8_out(w, rows: int, cols: int, device):
+    """Room for the norm kernel to write its 8-bit quants into, where w's kernel reads them."""
+    reads = w.layout == products.KERNEL_LAYOUT and products.reads_q8(w.qtype)
+    return Q8Activations.empty(rows, cols, device) if reads else None
 
 
 def head(model, h: torch.Tensor) -> torch.Tensor:
@@ -80,8 +90,9 @@ def head(model, h: torch.Tensor) -> torch.Tensor:
     shape = h.shape
     h2 = h.reshape(-1, shape[-1]).contiguous()
     q8 = rounds_to_q8(out.qtype, h.device.type)
-    x = norm.add_rms_norm(h2, None, model.weights.output_norm, model.config.rms_eps, q8)
-    return linear(x, out, rounded=q8).float().reshape(*shape[:-1], -1)
+    acts = _q8_out(out, h2.shape[0], h2.shape[1], h.device)
+    x = norm.add_rms_norm(h2, None, model.weights.output_norm, model.config.rms_eps, q8, q8_out=acts)
+    return linear(x, out, rounded=q8, q8=acts).float().reshape(*shape[:-1], -1)
 
 
 def would_apply(config, w) -> bool:

@@ -10,14 +10,19 @@ import torch.nn.functional as F
 from pipellm_core.model.activation_rounding import round_like_llamacpp
 from pipellm_core.model.cpu_weights import dense_weight
 from pipellm_core.model.kernels import products, quant_matmul
+from pipellm_core.model.kernels.activation_q8 import Q8Activations
 from pipellm_core.model.weights import QuantizedMatrix
 
 
 def linear(x: torch.Tensor, w: QuantizedMatrix, bias: torch.Tensor | None = None, *,
-           rounded: bool = False, swiglu: bool = False) -> torch.Tensor:
+           rounded: bool = False, swiglu: bool = False, q8: Q8Activations | None = None) -> torch.Tensor:
     """x @ w.T (+ bias), after llama.cpp's rounding of x for w's type unless x is `rounded`
     already. With `swiglu`, w stacks gate over up and the result is silu(gate) * up (in the
-    product's epilogue where the kernels run)."""
+    product's epilogue where the kernels run). `q8`, x's 8-bit quants where they were made with
+    x, serve the kernels that multiply those (which otherwise round x themselves)."""
+    if w.layout == products.KERNEL_LAYOUT and products.reads_q8(w.qtype):
+        y = products.matmul(q8 if q8 is not None else x, w.raw, w.qtype, w.rows, w.cols, swiglu=swiglu)
+        return y + bias.to(y.dtype) if bias is not None else y
     if not rounded:
         x = round_like_llamacpp(x, w.qtype, x.device.type)
     if w.layout == products.KERNEL_LAYOUT:

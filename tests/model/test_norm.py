@@ -24,6 +24,7 @@ CHECK = r"""
 import torch
 from pipellm_core.model.activation_rounding import _q8_blocks
 from pipellm_core.model.kernels import norm
+from pipellm_core.model.kernels.activation_q8 import Q8Activations
 
 dev = "{device}"
 seed = torch.seed() % 2**31
@@ -74,6 +75,13 @@ def check(M, E, delta_dtype, round_q8, ours, theirs):
             bound = torch.where(want == 0, 2.0**-24, want.float().abs() * 2.0**-10)  # one fp16 ulp, at most
         assert (diff <= bound).all(), (seed, M, E, delta_dtype, round_q8, ref_dev, diff.max().item())
         (ours if ref_dev == "cpu" else theirs).append(((diff == 0).sum().item(), diff.numel()))
+    if round_q8:  # the same rounding as 8-bit quants, block scales and sums of quants
+        acts = Q8Activations.empty(M, E, dev)
+        h2 = h0.clone()
+        again = norm.add_rms_norm(h2, delta, weight, eps, True, q8_out=acts)
+        assert torch.equal(again, got) and torch.equal(h2, h)
+        assert torch.equal(acts.values().half(), got), "quants and scales are not the rounded values"
+        assert torch.equal(acts.s, acts.q.float().reshape(M, -1, 32).sum(-1))
     ref, tol = float64_reference(hs, weight, eps, round_q8)
     err = (got.double() - ref).abs()
     assert (err <= tol).all(), (seed, M, E, delta_dtype, round_q8, "float64", (err / tol).max().item())

@@ -1,7 +1,8 @@
 """The kernel layout of Q4_0 / Q4_1 / Q8_0 weights and the products that read it
 (pipellm_core.model.kernels.q32_products): the layout is a bit-exact rearrangement, its decode
 equals the GGUF decode bit for bit, and the kernels equal a float64 product of the decoded
-weights within 2e-3 relative L2 (float32 sums, fp16 output). Kernels run in Triton's
+weights and of the activations rounded as llama.cpp rounds them (8 bits per block of 32), within
+2e-3 relative L2 (exact integer sums, float32 scaling, fp16 output). Kernels run in Triton's
 interpreter on the CPU (a subprocess); the marked test runs them on a GPU at real sizes."""
 
 import numpy as np
@@ -34,7 +35,8 @@ CHECK = r"""
 import numpy as np, torch
 from gguf import GGMLQuantizationType as GGMLType
 from pipellm_core.gguf.synthetic import random_blocks
-from pipellm_core.model.kernels import q32_products as q32
+from pipellm_core.model.activation_rounding import _q8_blocks
+from pipellm_core.model.kernels import activation_q8 as q8, q32_products as q32
 
 dev = "{device}"
 SHAPES = {shapes}
@@ -47,7 +49,10 @@ def check(qtype, m, n, k, swiglu, **kw):
     kl = q32.to_kernel_layout(raw, qtype)
     w64 = q32.dequantize(kl, qtype, k, torch.float64)
     x = torch.randn(m, k, generator=gen).half()
-    want = x.double() @ w64.t()
+    acts = q8.quantize(x.to(dev))
+    assert torch.equal(acts.values().cpu().double(), _q8_blocks(x.double(), 32).double())
+    assert torch.equal(acts.s, acts.q.float().reshape(m, -1, 32).sum(-1))
+    want = _q8_blocks(x.double(), 32).double() @ w64.t()
     if swiglu:
         g, u = want[:, :n // 2], want[:, n // 2:]
         want = g * torch.sigmoid(g) * u
@@ -78,7 +83,7 @@ print("ok")
 # tiled kernel at a decode batch
 FORCED = r"""
 chosen = q32.gemv_tiles
-for tiles in ((4, 32, 3, 4), (2, 64, 2, 4)):
+for tiles in ((4, 4, 3, 4), (2, 8, 2, 4)):
     q32.gemv_tiles = lambda m, r, w, t=tiles: t
     for qtype in (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0):
         for m, n, k, swiglu in ((1, 33, 320, False), (3, 40, 576, True), (8, 33, 576, False)):

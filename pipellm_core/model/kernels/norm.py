@@ -18,13 +18,13 @@ from __future__ import annotations
 import torch
 
 from pipellm_core.model import activation_rounding
-from pipellm_core.model.kernels import quant_matmul
+from pipellm_core.model.kernels import activation_q8, quant_matmul
 
 try:
     import triton
     import triton.language as tl
 
-    from pipellm_core.model.kernels.activation_q8 import round_half_even
+    from pipellm_core.model.kernels.activation_q8 import q8_blocks, store_q8
 except ImportError:  # pragma: no cover - the torch path serves
     triton = None
 
@@ -40,26 +40,28 @@ def supports(h: torch.Tensor, round_q8: bool) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _normalize_and_store(x, offs, ok, inv_rms, w_ptr, out_ptr, ROUND_Q8: tl.constexpr):
-        """x [G, 32] (float32, h + delta) -> fp16 rms_norm(x) * weight, optionally q8-rounded."""
+    def _normalize_and_store(x, offs, ok, inv_rms, w_ptr, out_ptr, q_ptr, d_ptr, s_ptr,
+                             ROUND_Q8: tl.constexpr, Q8_OUT: tl.constexpr):
+        """x [G, 32] (float32, h + delta) -> fp16 rms_norm(x) * weight, optionally q8-rounded
+        (and its quants, block scales and sums stored)."""
         w = tl.load(w_ptr + offs, mask=ok, other=0.0)
         y = (x * inv_rms * w).to(tl.float16)
         if ROUND_Q8:
-            y32 = y.to(tl.float32)
-            d = tl.math.div_rn(tl.max(tl.abs(y32), axis=1), 127.0)
-            inv = tl.where(d > 0, tl.math.div_rn(1.0, tl.where(d > 0, d, 1.0)), 0.0)
-            q = round_half_even(y32 * inv[:, None])
-            d16 = d.to(tl.float16).to(tl.float32)
+            q, d16 = q8_blocks(y.to(tl.float32))
             y = (q * d16[:, None]).to(tl.float16)
+            if Q8_OUT:
+                blk = tl.max(offs, axis=1) // 32
+                store_q8(q, d16, offs, ok, blk, tl.max(ok.to(tl.int32), axis=1) > 0, q_ptr, d_ptr, s_ptr)
         tl.store(out_ptr + offs, y, mask=ok)
 
     @triton.jit
-    def _add_rms_norm_kernel(h_ptr, delta_ptr, w_ptr, out_ptr, E, eps,
-                             HAS_DELTA: tl.constexpr, ROUND_Q8: tl.constexpr,
+    def _add_rms_norm_kernel(h_ptr, delta_ptr, w_ptr, out_ptr, q_ptr, d_ptr, s_ptr, E, eps,
+                             HAS_DELTA: tl.constexpr, ROUND_Q8: tl.constexpr, Q8_OUT: tl.constexpr,
                              TILE: tl.constexpr, ONE_TILE: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         h_row, out_row = h_ptr + row * E, out_ptr + row * E
         d_row = delta_ptr + row * E
+        q_row, qd_row, qs_row = q_ptr + row * E, d_ptr + row * (E // 32), s_ptr + row * (E // 32)
         # a tile as [blocks of 32, 32], so that the q8 blocks are reductions over axis 1
         tile = tl.arange(0, TILE // 32)[:, None] * 32 + tl.arange(0, 32)[None, :]
         if ONE_TILE:
@@ -70,7 +72,7 @@ if triton is not None:
                 tl.store(h_row + tile, x, mask=ok)
             ss = tl.sum(tl.sum(x * x, axis=1), axis=0)
             inv_rms = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(ss, E.to(tl.float32)) + eps))
-            _normalize_and_store(x, tile, ok, inv_rms, w_ptr, out_row, ROUND_Q8)
+            _normalize_and_store(x, tile, ok, inv_rms, w_ptr, out_row, q_row, qd_row, qs_row, ROUND_Q8, Q8_OUT)
         else:
             acc = tl.zeros((TILE // 32, 32), tl.float32)
             for start in range(0, E, TILE):
@@ -90,7 +92,7 @@ if triton is not None:
                 if HAS_DELTA:
                     x = x + tl.load(d_row + offs, mask=ok, other=0.0).to(tl.float32)
                     tl.store(h_row + offs, x, mask=ok)
-                _normalize_and_store(x, offs, ok, inv_rms, w_ptr, out_row, ROUND_Q8)
+                _normalize_and_store(x, offs, ok, inv_rms, w_ptr, out_row, q_row, qd_row, qs_row, ROUND_Q8, Q8_OUT)
 
 
 def tile_for(E: int) -> tuple[int, int]:
@@ -100,18 +102,23 @@ def tile_for(E: int) -> tuple[int, int]:
 
 
 def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                 round_q8: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+                 round_q8: bool, out: torch.Tensor | None = None,
+                 q8_out: activation_q8.Q8Activations | None = None) -> torch.Tensor:
     """h [..., E] float32, updated in place to h + delta (delta fp16/fp32 of h's shape, or None:
     no add). Returns fp16 rms_norm(h) * weight (into `out` when given), then, when round_q8,
-    rounded as llama.cpp rounds activations to 8 bits per block of 32 (E a multiple of 32)."""
+    rounded as llama.cpp rounds activations to 8 bits per block of 32 (E a multiple of 32);
+    `q8_out` (with round_q8, rows of h by E) receives the rounding's quants and scales too."""
     E = h.shape[-1]
     if out is None:
         out = torch.empty(h.shape, dtype=torch.float16, device=h.device)
+    assert q8_out is None or (round_q8 and q8_out.q.shape == (h.numel() // E, E))
     if not supports(h, round_q8):
         if delta is not None:
             h.add_(delta)
         y = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight).to(torch.float16)
         out.copy_(activation_rounding._q8_blocks(y, 32).to(torch.float16) if round_q8 else y)
+        if q8_out is not None:
+            activation_q8.quantize(y.reshape(-1, E), q8_out)
         return out
     assert out.dtype == torch.float16 and out.is_contiguous() and out.shape == h.shape
     assert weight.dtype == torch.float32 and weight.shape == (E,)
@@ -120,9 +127,10 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
         delta = delta.contiguous()
     tile, warps = tile_for(E)
     rows = h.numel() // E
+    q8 = (q8_out.q, q8_out.d, q8_out.s) if q8_out is not None else (out, out, out)
     with quant_matmul.on_device_of(h):
         # no fused multiply-adds: each product is rounded on its own, as in torch
-        _add_rms_norm_kernel[(rows,)](h, delta if delta is not None else h, weight.contiguous(), out, E, eps,
-                                      HAS_DELTA=delta is not None, ROUND_Q8=round_q8, TILE=tile,
-                                      ONE_TILE=E <= tile, num_warps=warps, enable_fp_fusion=False)
+        _add_rms_norm_kernel[(rows,)](h, delta if delta is not None else h, weight.contiguous(), out, *q8, E, eps,
+                                      HAS_DELTA=delta is not None, ROUND_Q8=round_q8, Q8_OUT=q8_out is not None,
+                                      TILE=tile, ONE_TILE=E <= tile, num_warps=warps, enable_fp_fusion=False)
     return out

@@ -57,10 +57,20 @@ def dequantize(kl: torch.Tensor, qtype, cols: int, dtype: torch.dtype) -> torch.
     return _module(qtype).dequantize(kl, qtype, cols, dtype)
 
 
-def matmul(x: torch.Tensor, w: torch.Tensor, qtype, n: int, k: int, swiglu: bool = False) -> torch.Tensor:
-    """x [..., k] (fp16) times the transpose of the [n, k] matrix `w` (kernel layout): [..., n]
-    in fp16; with `swiglu`, w's first n/2 rows are the gate and the rest the up projection, and
-    the result is silu(gate) * up, [..., n/2]."""
+def reads_q8(qtype) -> bool:
+    """Whether the kernel for `qtype` multiplies 8-bit activations (`Q8Activations`), which it
+    rounds from fp16 itself when given fp16."""
+    from pipellm_core.model.kernels import q32_products
+    return _module(qtype) is q32_products
+
+
+def matmul(x, w: torch.Tensor, qtype, n: int, k: int, swiglu: bool = False) -> torch.Tensor:
+    """x [..., k] (fp16; or, where `reads_q8`, 8-bit `Q8Activations` [M, k]) times the transpose
+    of the [n, k] matrix `w` (kernel layout): [..., n] in fp16; with `swiglu`, w's first n/2 rows
+    are the gate and the rest the up projection, and the result is silu(gate) * up, [..., n/2]."""
+    if not isinstance(x, torch.Tensor):
+        with quant_matmul.on_device_of(x.q):
+            return _module(qtype).matmul(x, w, qtype, n, k, swiglu=swiglu)
     shape = x.shape
     x2 = x.reshape(-1, k)
     if not x2.is_contiguous():

@@ -8,24 +8,24 @@ into the quants of the whole row first (4-byte words along K, every block's byte
 and then the scales (and the mins) as arrays of their own. No bit of a quant or a scale changes,
 and `from_kernel_layout` undoes it exactly.
 
+Products are in integers, as llama.cpp's CUDA kernels compute them: the activations are first
+rounded to 8 bits per block of 32 (`activation_q8.quantize`, or the norm kernel that makes them),
+so that each block's products of quants are one exact int32 sum, which the weight's and the
+activation's block scales then scale in float32. Q4_0 subtracts its offset of 8 through the
+activations' sum of quants: d_w * d_x * (sum q_w q_x - 8 * sum q_x); Q4_1 adds its min as
+m_w * d_x * sum q_x.
+
 Kernels:
   - up to GEMV_MAX_ROWS rows of x (a decode step): a matrix-vector kernel that reads each weight
-    word once for all rows of the step, keeps per-word partial sums in registers and reduces
-    them once at the end; where the matrix has few rows for its length, programs split K and
+    word once for all rows of the step. Word i of a Q4 block holds values 4i..4i+3 in its low
+    nibbles and 4i+16..4i+19 in its high nibbles, so two masks make two words of four bytes that
+    meet two contiguous words of the 8-bit activations in one dp4a instruction each (four
+    multiply-adds of bytes). Where the matrix has few rows for its length, programs split K and
     write float32 partials that a second kernel sums in a fixed order (deterministic, no atomics);
-  - more rows (larger batches, prefill): a tiled kernel that expands tiles to fp16 in registers
-    and multiplies them with `tl.dot`, float32 accumulation.
+  - more rows (larger batches, prefill): a tiled kernel that unpacks one block of each weight row
+    at a time into an int8 tile in K order and multiplies it with `tl.dot` into int32.
 With swiglu, the kernels take the gate and up halves of one matrix and return silu(gate) * up
 from their float32 sums, so the [M, 2h] product never goes through memory.
-
-How the decode kernel decodes a quant without an integer-to-float conversion (a slow
-instruction): the 4 bits at bit 4p of a word, masked in place and or-ed into the bits of the
-float 2^23, make the float 2^23 + q * 2^(4p) exactly (p < 4; the upper half-word is shifted down
-first). Subtracting 2^23 leaves q * 2^(4p), and the matching activation is scaled by 2^-4p once
-per tile, for all weight rows; both steps are exact. Q8_0 does the same with bytes, after an xor
-that biases the signed bytes by 128. Block scales and the Q4_0 offset of 8 are applied per word
-of 8 (or 4) values: d * (sum q*x - 8 * sum x). The sums are float32 throughout; only the order of
-the roundings differs from decoding each weight first.
 
 Why written here: no maintained library multiplies by GGUF blocks in PyTorch on NVIDIA GPUs.
 """
@@ -36,6 +36,8 @@ import contextlib
 
 import torch
 from gguf import GGMLQuantizationType as GGMLType
+
+from pipellm_core.model.kernels import activation_q8, quant_matmul
 
 try:
     import triton
@@ -100,7 +102,17 @@ def dequantize(kl: torch.Tensor, qtype, k: int, dtype) -> torch.Tensor:
 
 
 if triton is not None:
-    _F23 = tl.constexpr(8388608.0)  # 2^23: a float whose low mantissa bits are an integer's bits
+    @triton.jit
+    def dot4(a, b, c, ASM: tl.constexpr):
+        """c + the dot product of the four signed bytes of a and of b (int32 words): one dp4a
+        instruction on the GPU, byte by byte in Triton's interpreter."""
+        if ASM:
+            return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            for i in tl.static_range(4):
+                c += ((a << (24 - 8 * i)) >> 24) * ((b << (24 - 8 * i)) >> 24)
+            return c
 
     @triton.jit
     def _load_words(w8, w32, row_starts, words, ok, ALIGNED: tl.constexpr):
@@ -118,153 +130,140 @@ if triton is not None:
             return b0 | (b1 << 8) | (b2 << 16) | (b3 << 24)
 
     @triton.jit
-    def _gemv_rows(x_ptr, w8, w32, w16, rows, row_ok, M, stride_xm, row_bytes, w_start, w_end,
+    def _gemv_rows(xq32, xd, xs, w8, w32, w16, rows, row_ok, M, row_bytes, b_start, b_end,
                    NB: tl.constexpr, FOUR_BIT: tl.constexpr, HAS_MIN: tl.constexpr, ALIGNED: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
-        """[BLOCK_M, BLOCK_N] float32: rows `rows` of W times x over quant words [w_start, w_end)."""
-        WPB: tl.constexpr = 4 if FOUR_BIT else 8  # words per block of 32 values
+                   ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+        """[BLOCK_M, BLOCK_N] float32: rows `rows` of W times the 8-bit activations, over blocks
+        [b_start, b_end). Tiles are [x rows, W rows, blocks, words of a block]."""
+        WPB: tl.constexpr = 4 if FOUR_BIT else 8  # quant words per block of 32 values
         QB: tl.constexpr = NB * WPB * 4  # bytes of quants in a row (scales follow)
         rm = tl.arange(0, BLOCK_M)
-        x_rows = x_ptr + rm[:, None, None].to(tl.int64) * stride_xm
-        m_ok = (rm < M)[:, None, None]
+        m_ok = rm < M
+        j = tl.arange(0, WPB)
+        x_rows = xq32 + rm[:, None, None].to(tl.int64) * (NB * 8)
         rows64 = rows.to(tl.int64)
         scale_rows = w16 + rows64[:, None] * (row_bytes // 2) + QB // 2
-        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_W), dtype=tl.float32)
-        for w0 in range(w_start, w_end, BLOCK_W):
-            words = w0 + tl.arange(0, BLOCK_W)
-            w_ok = words < w_end
-            ok = row_ok[:, None] & w_ok[None, :]
-            q = _load_words(w8, w32, rows64[:, None] * row_bytes, words[None, :], ok, ALIGNED)
-            blk = words // WPB
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_B), dtype=tl.float32)
+        for b0 in range(b_start, b_end, BLOCK_B):
+            blk = b0 + tl.arange(0, BLOCK_B)
+            b_ok = blk < b_end
+            ok = row_ok[:, None] & b_ok[None, :]
+            q = _load_words(w8, w32, rows64[:, None, None] * row_bytes, (blk[:, None] * WPB + j[None, :])[None, :, :],
+                            ok[:, :, None], ALIGNED)
             d = tl.load(scale_rows + blk[None, :], mask=ok, other=0.0).to(tl.float32)
-            # k of the first value of each word
-            k0 = blk * 32 + (words % WPB) * 4
-            x_ok = m_ok & w_ok[None, None, :]
-            s_q = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_W), dtype=tl.float32)
-            s_x = tl.zeros((BLOCK_M, 1, BLOCK_W), dtype=tl.float32)
+            x_ok = m_ok[:, None, None] & b_ok[None, :, None]
+            # x word i of a block holds values 4i..4i+3; W word i of a Q4 block holds values
+            # 4i..4i+3 in its low nibbles and 4i+16..4i+19 in its high nibbles
+            xw = x_rows + (blk[:, None] * 8 + j[None, :])[None, :, :]
+            zero = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_B, WPB), dtype=tl.int32)
             if FOUR_BIT:
-                q_hi = q >> 16
-                for p in tl.static_range(8):
-                    if p < 4:
-                        bits = (q & (15 << (4 * p))) | 0x4B000000
-                    else:
-                        bits = (q_hi & (15 << (4 * (p - 4)))) | 0x4B000000
-                    v = bits.to(tl.float32, bitcast=True) - _F23  # q * 2^(4 * (p % 4))
-                    # bit 4p of a word is byte p // 2's low (p even) or high nibble: value
-                    # p // 2 (+ 16) of the block
-                    kk = k0 + (p // 2) + 16 * (p % 2)
-                    xv = tl.load(x_rows + kk[None, None, :], mask=x_ok, other=0.0).to(tl.float32)
-                    s_x += xv
-                    s_q += v[None, :, :] * (xv * (1.0 / (1 << (4 * (p % 4)))))
-                if HAS_MIN:
-                    mn = tl.load(scale_rows + NB + blk[None, :], mask=ok, other=0.0).to(tl.float32)
-                    acc += d[None, :, :] * s_q + mn[None, :, :] * s_x
-                else:
-                    acc += d[None, :, :] * (s_q - 8.0 * s_x)
+                lo = (q & 0x0F0F0F0F)[None, :, :, :]
+                hi = ((q >> 4) & 0x0F0F0F0F)[None, :, :, :]
+                x_lo = tl.load(xw, mask=x_ok, other=0)[:, None, :, :]
+                x_hi = tl.load(xw + 4, mask=x_ok, other=0)[:, None, :, :]
+                sums = tl.sum(dot4(hi, x_hi, dot4(lo, x_lo, zero, ASM), ASM), axis=3)
             else:
-                qb = q ^ -2139062144  # 0x80808080: each signed byte + 128, as an unsigned byte
-                qb_hi = qb >> 16
-                for p in tl.static_range(4):
-                    if p < 2:
-                        bits = (qb & (255 << (8 * p))) | 0x4B000000
-                    else:
-                        bits = (qb_hi & (255 << (8 * (p - 2)))) | 0x4B000000
-                    # q * 2^(8 * (p % 2))
-                    v = bits.to(tl.float32, bitcast=True) - (_F23 + 128.0 * (1 << (8 * (p % 2))))
-                    xv = tl.load(x_rows + (k0 + p)[None, None, :], mask=x_ok, other=0.0).to(tl.float32)
-                    s_q += v[None, :, :] * (xv * (1.0 / (1 << (8 * (p % 2)))))
-                acc += d[None, :, :] * s_q
+                x_all = tl.load(xw, mask=x_ok, other=0)[:, None, :, :]
+                sums = tl.sum(dot4(q[None, :, :, :], x_all, zero, ASM), axis=3)
+            dx = tl.load(xd + rm[:, None] * NB + blk[None, :], mask=m_ok[:, None] & b_ok[None, :], other=0.0)
+            if FOUR_BIT and not HAS_MIN:
+                sx = tl.load(xs + rm[:, None] * NB + blk[None, :], mask=m_ok[:, None] & b_ok[None, :], other=0.0)
+                acc += d[None, :, :] * (dx[:, None, :] * (sums.to(tl.float32) - 8.0 * sx[:, None, :]))
+            else:
+                acc += d[None, :, :] * (dx[:, None, :] * sums.to(tl.float32))
+            if HAS_MIN:
+                sx = tl.load(xs + rm[:, None] * NB + blk[None, :], mask=m_ok[:, None] & b_ok[None, :], other=0.0)
+                mn = tl.load(scale_rows + NB + blk[None, :], mask=ok, other=0.0).to(tl.float32)
+                acc += mn[None, :, :] * (dx * sx)[:, None, :]
         return tl.sum(acc, axis=2)
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w8, w32, w16, out_ptr, M, N, stride_xm, row_bytes, words_per_split, stride_os,
+    def _gemv_kernel(xq32, xd, xs, w8, w32, w16, out_ptr, M, N, row_bytes, blocks_per_split, stride_os,
                      NB: tl.constexpr, FOUR_BIT: tl.constexpr, HAS_MIN: tl.constexpr, ALIGNED: tl.constexpr,
-                     SWIGLU: tl.constexpr, SPLIT: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+                     ASM: tl.constexpr, SWIGLU: tl.constexpr, SPLIT: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
         """Programs (row tiles, K splits). SPLIT: out is float32 partials [splits, M, rows of W]
         (both halves when SWIGLU; the reduce kernel pairs them); else out is fp16 [M, N]."""
-        WPB: tl.constexpr = 4 if FOUR_BIT else 8
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
-        w_start = pid_s * words_per_split
-        w_end = tl.minimum(w_start + words_per_split, NB * WPB)
+        b_start = pid_s * blocks_per_split
+        b_end = tl.minimum(b_start + blocks_per_split, NB)
         rm = tl.arange(0, BLOCK_M)
         o_ok = (rm < M)[:, None] & n_ok[None, :]
-        acc = _gemv_rows(x_ptr, w8, w32, w16, rn, n_ok, M, stride_xm, row_bytes, w_start, w_end,
-                         NB, FOUR_BIT, HAS_MIN, ALIGNED, BLOCK_M, BLOCK_N, BLOCK_W)
+        acc = _gemv_rows(xq32, xd, xs, w8, w32, w16, rn, n_ok, M, row_bytes, b_start, b_end,
+                         NB, FOUR_BIT, HAS_MIN, ALIGNED, ASM, BLOCK_M, BLOCK_N, BLOCK_B)
         if SPLIT:
             rows_w = N * 2 if SWIGLU else N
             part = out_ptr + pid_s.to(tl.int64) * stride_os + rm[:, None] * rows_w + rn[None, :]
             tl.store(part, acc, mask=o_ok)
             if SWIGLU:
-                up = _gemv_rows(x_ptr, w8, w32, w16, rn + N, n_ok, M, stride_xm, row_bytes, w_start, w_end,
-                                NB, FOUR_BIT, HAS_MIN, ALIGNED, BLOCK_M, BLOCK_N, BLOCK_W)
+                up = _gemv_rows(xq32, xd, xs, w8, w32, w16, rn + N, n_ok, M, row_bytes, b_start, b_end,
+                                NB, FOUR_BIT, HAS_MIN, ALIGNED, ASM, BLOCK_M, BLOCK_N, BLOCK_B)
                 tl.store(part + N, up, mask=o_ok)
         else:
             if SWIGLU:
-                up = _gemv_rows(x_ptr, w8, w32, w16, rn + N, n_ok, M, stride_xm, row_bytes, w_start, w_end,
-                                NB, FOUR_BIT, HAS_MIN, ALIGNED, BLOCK_M, BLOCK_N, BLOCK_W)
+                up = _gemv_rows(xq32, xd, xs, w8, w32, w16, rn + N, n_ok, M, row_bytes, b_start, b_end,
+                                NB, FOUR_BIT, HAS_MIN, ALIGNED, ASM, BLOCK_M, BLOCK_N, BLOCK_B)
                 acc = silu_times(acc, up)
             tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(tl.float16), mask=o_ok)
 
     @triton.jit
-    def _tiled_rows(x_ptr, w8, w32, w16, rm, rows, row_ok, M, stride_xm, row_bytes,
+    def _tiled_rows(xq, xd, xs, w8, w32, w16, rm, rows, row_ok, M, row_bytes,
                     NB: tl.constexpr, FOUR_BIT: tl.constexpr, HAS_MIN: tl.constexpr, ALIGNED: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
-        """[BLOCK_M, BLOCK_N] float32: x rows `rm` times W rows `rows`, over all of K. Each bit
-        position p of a word makes one [BLOCK_W, BLOCK_N] fp16 tile, multiplied by the x values
-        that sit at that position (so K runs in the words' order, not the file's)."""
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """[BLOCK_M, BLOCK_N] float32: x rows `rm` times W rows `rows`, over all of K, one block
+        of 32 values at a time: the block's quants unpacked to an int8 [32, BLOCK_N] tile in K
+        order and multiplied with `tl.dot` into int32, then scaled."""
         WPB: tl.constexpr = 4 if FOUR_BIT else 8
         QB: tl.constexpr = NB * WPB * 4
-        x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
-        m_ok = (rm < M)[:, None]
+        m_ok = rm < M
+        x_rows = xq + rm[:, None].to(tl.int64) * (NB * 32)
         rows64 = rows.to(tl.int64)
-        scale_rows = w16 + rows64[None, :] * (row_bytes // 2) + QB // 2
+        scale_rows = w16 + rows64 * (row_bytes // 2) + QB // 2
+        k32 = tl.arange(0, 32)
+        j = tl.arange(0, WPB)
+        byte = tl.arange(0, 4)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for w0 in range(0, NB * WPB, BLOCK_W):
-            words = w0 + tl.arange(0, BLOCK_W)
-            w_ok = words < NB * WPB
-            ok = w_ok[:, None] & row_ok[None, :]
-            q = _load_words(w8, w32, rows64[None, :] * row_bytes, words[:, None], ok, ALIGNED)
-            blk = words // WPB
-            d = tl.load(scale_rows + blk[:, None], mask=ok, other=0.0).to(tl.float32)
-            k0 = blk * 32 + (words % WPB) * 4
-            x_ok = m_ok & w_ok[None, :]
+        for b in range(0, NB):
+            q = _load_words(w8, w32, rows64[None, :] * row_bytes, (b * WPB + j)[:, None], row_ok[None, :], ALIGNED)
             if FOUR_BIT:
-                if HAS_MIN:
-                    mn = tl.load(scale_rows + NB + blk[:, None], mask=ok, other=0.0).to(tl.float32)
-                for p in tl.static_range(8):
-                    nib = ((q >> (4 * p)) & 15) | 0x4B000000
-                    if HAS_MIN:
-                        w = d * (nib.to(tl.float32, bitcast=True) - _F23) + mn
-                    else:
-                        w = d * (nib.to(tl.float32, bitcast=True) - (_F23 + 8.0))
-                    xv = tl.load(x_rows + (k0 + (p // 2) + 16 * (p % 2))[None, :], mask=x_ok, other=0.0)
-                    acc += tl.dot(xv, w.to(tl.float16))
+                # value 16h + 4i + c of the block is nibble h of byte c of word i
+                half = tl.arange(0, 2)
+                shift = 4 * half[:, None, None, None] + 8 * byte[None, None, :, None]
+                v = (q[None, :, None, :] >> shift) & 15
+                w = tl.reshape(v, (32, BLOCK_N))
+                if not HAS_MIN:
+                    w = w - 8
             else:
-                for p in tl.static_range(4):
-                    byte = ((q >> (8 * p)) & 255) ^ 128  # the signed byte + 128
-                    v = (byte | 0x4B000000).to(tl.float32, bitcast=True) - (_F23 + 128.0)
-                    xv = tl.load(x_rows + (k0 + p)[None, :], mask=x_ok, other=0.0)
-                    acc += tl.dot(xv, (d * v).to(tl.float16))
+                v = (q[:, None, :] >> (8 * byte)[None, :, None])
+                w = tl.reshape(v, (32, BLOCK_N))
+            x = tl.load(x_rows + (b * 32 + k32)[None, :], mask=m_ok[:, None], other=0)
+            sums = tl.dot(x, w.to(tl.int8), out_dtype=tl.int32)
+            d = tl.load(scale_rows + b, mask=row_ok, other=0.0).to(tl.float32)
+            dx = tl.load(xd + rm * NB + b, mask=m_ok, other=0.0)
+            acc += dx[:, None] * d[None, :] * sums.to(tl.float32)
+            if HAS_MIN:
+                sx = tl.load(xs + rm * NB + b, mask=m_ok, other=0.0)
+                mn = tl.load(scale_rows + NB + b, mask=row_ok, other=0.0).to(tl.float32)
+                acc += (dx * sx)[:, None] * mn[None, :]
         return acc
 
     @triton.jit
-    def _tiled_kernel(x_ptr, w8, w32, w16, out_ptr, M, N, stride_xm, row_bytes,
+    def _tiled_kernel(xq, xd, xs, w8, w32, w16, out_ptr, M, N, row_bytes,
                       NB: tl.constexpr, FOUR_BIT: tl.constexpr, HAS_MIN: tl.constexpr, ALIGNED: tl.constexpr,
-                      SWIGLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+                      SWIGLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
-        acc = _tiled_rows(x_ptr, w8, w32, w16, rm, rn, n_ok, M, stride_xm, row_bytes,
-                          NB, FOUR_BIT, HAS_MIN, ALIGNED, BLOCK_M, BLOCK_N, BLOCK_W)
+        acc = _tiled_rows(xq, xd, xs, w8, w32, w16, rm, rn, n_ok, M, row_bytes,
+                          NB, FOUR_BIT, HAS_MIN, ALIGNED, BLOCK_M, BLOCK_N)
         if SWIGLU:
-            up = _tiled_rows(x_ptr, w8, w32, w16, rm, rn + N, n_ok, M, stride_xm, row_bytes,
-                             NB, FOUR_BIT, HAS_MIN, ALIGNED, BLOCK_M, BLOCK_N, BLOCK_W)
+            up = _tiled_rows(xq, xd, xs, w8, w32, w16, rm, rn + N, n_ok, M, row_bytes,
+                             NB, FOUR_BIT, HAS_MIN, ALIGNED, BLOCK_M, BLOCK_N)
             acc = silu_times(acc, up)
         o_ok = (rm < M)[:, None] & n_ok[None, :]
         tl.store(out_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], acc.to(tl.float16), mask=o_ok)
@@ -274,83 +273,82 @@ def _pow2_at_least(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
 
-def gemv_tiles(m: int, n_rows: int, words: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_W, splits, num_warps) of the decode kernel for m rows of x, n_rows rows
-    of W to compute (h for swiglu) and `words` quant words per row. About 8 words a thread;
-    narrower row tiles, then
-    splits over K, until the programs fill the multiprocessors twice over. Measured on an H200
-    at M = 1: (8, 128, 1, 4) best for 4096 x 4096 and 4096 x 14336, (4, 256, 1, 8) for
-    1024 x 4096, among BLOCK_N 4..32, BLOCK_W 128/256, splits 1..8, 4 or 8 warps; at M = 8,
-    (16, 128, 1, 8) for 4096 x 4096 and (16, 64, 1, 4) for 4096 x 14336 (earlier sweep)."""
-    num_warps = 4 if m == 1 else 8
-    block_w = min(128, max(32, _pow2_at_least(words)))
-    words_per_thread = 8
-    block_n = max(2, words_per_thread * 32 * num_warps // block_w)
+def gemv_tiles(m: int, n_rows: int, blocks: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_B, splits, num_warps) of the decode kernel for m rows of x, n_rows rows
+    of W to compute (h for swiglu) and `blocks` blocks of 32 per row: about four blocks of words
+    a thread; narrower row tiles, then splits over K, until the programs fill the
+    multiprocessors twice over."""
+    num_warps = 4
+    block_b = min(32, max(4, _pow2_at_least(blocks)))
+    block_n = max(2, 4 * 32 * num_warps // block_b)
     while block_n > 2 and -(-n_rows // block_n) < 2 * SMS:
         block_n //= 2
     tiles = -(-n_rows // block_n)
-    steps = -(-words // block_w)
+    steps = -(-blocks // block_b)
     splits = 1
     while tiles * splits < 2 * SMS and steps // (splits * 2) >= 2:
         splits *= 2
-    return block_n, block_w, splits, num_warps
+    return block_n, block_b, splits, num_warps
 
 
-def tiled_tiles(m: int, n_rows: int, words: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_W, num_warps) of the tiled kernel."""
+def tiled_tiles(m: int, n_rows: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of the tiled kernel."""
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-    block_n = 64 if m <= 64 else 128
-    block_w = 16 if words < 32 else 32
-    return block_m, block_n, block_w, 4
+    return block_m, 64, 4
 
 
 def _on_device_of(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def matmul(x: torch.Tensor, w: torch.Tensor, qtype, n: int, k: int, *, swiglu: bool = False,
+def matmul(x, w: torch.Tensor, qtype, n: int, k: int, *, swiglu: bool = False,
            kernel: str | None = None) -> torch.Tensor:
-    """x fp16 [M, k] (contiguous) times the transpose of the [n, k] matrix whose kernel layout is
-    `w` (uint8 [n, row bytes]): fp16 [M, n], float32 sums. With swiglu, rows 0..h-1 of W are the
-    gate and rows h..2h-1 the up projection (n = 2h): fp16 [M, h] = silu(gate) * up.
-    `kernel` ("gemv" or "tiled") overrides the choice by M (tests and probes)."""
-    assert qtype in TYPES and k % 32 == 0 and x.dtype == torch.float16 and x.shape[1] == k
-    assert w.dtype == torch.uint8 and w.is_contiguous() and x.stride(1) == 1
+    """x (fp16 [M, k], or its 8-bit blocks as `Q8Activations`) times the transpose of the
+    [n, k] matrix whose kernel layout is `w` (uint8 [n, row bytes]): fp16 [M, n]. fp16 x is
+    first rounded to 8 bits per block of 32 as llama.cpp rounds it; the products of quants are
+    exact integers and the scaled sums float32. With swiglu, rows 0..h-1 of W are the gate and
+    rows h..2h-1 the up projection (n = 2h): fp16 [M, h] = silu(gate) * up. `kernel` ("gemv" or
+    "tiled") overrides the choice by M (tests and probes)."""
+    assert qtype in TYPES and k % 32 == 0
+    if not isinstance(x, activation_q8.Q8Activations):
+        assert x.dtype == torch.float16 and x.shape[1] == k
+        x = activation_q8.quantize(x)
+    assert x.q.shape[1] == k and x.q.is_contiguous()
+    assert w.dtype == torch.uint8 and w.is_contiguous()
     size, quant_bytes, n_fields = _BLOCKS[qtype]
     nb = k // 32
     row_bytes = nb * size
     assert w.shape == (n, row_bytes), (w.shape, n, row_bytes)
-    m = x.shape[0]
+    m = x.q.shape[0]
     rows = n // 2 if swiglu else n
-    out = torch.empty(m, rows, dtype=torch.float16, device=x.device)
+    out = torch.empty(m, rows, dtype=torch.float16, device=x.q.device)
     aligned = row_bytes % 4 == 0 and w.storage_offset() % 4 == 0
     w32 = w.view(torch.int32) if aligned else w
     w16 = w.view(torch.float16)
     four_bit = qtype != GGMLType.Q8_0
     has_min = qtype == GGMLType.Q4_1
-    words = nb * quant_bytes // 4
     kernel = kernel or ("gemv" if m <= GEMV_MAX_ROWS else "tiled")
-    with _on_device_of(x):
+    flags = dict(NB=nb, FOUR_BIT=four_bit, HAS_MIN=has_min, ALIGNED=aligned, SWIGLU=swiglu)
+    with _on_device_of(x.q):
         if kernel == "gemv":
-            block_n, block_w, splits, num_warps = gemv_tiles(m, rows, words)
-            words_per_split = -(-words // (splits * block_w)) * block_w
-            splits = -(-words // words_per_split)
+            block_n, block_b, splits, num_warps = gemv_tiles(m, rows, nb)
+            blocks_per_split = -(-nb // (splits * block_b)) * block_b
+            splits = -(-nb // blocks_per_split)
             if splits > 1:
-                part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+                part = torch.empty(splits, m, n, dtype=torch.float32, device=x.q.device)
                 target, stride_os = part, part.stride(0)
             else:
                 target, stride_os = out, 0
             grid = (triton.cdiv(rows, block_n), splits)
-            _gemv_kernel[grid](x, w, w32, w16, target, m, rows, x.stride(0), row_bytes, words_per_split,
-                               stride_os, NB=nb, FOUR_BIT=four_bit, HAS_MIN=has_min, ALIGNED=aligned,
-                               SWIGLU=swiglu, SPLIT=splits > 1, BLOCK_M=_pow2_at_least(m), BLOCK_N=block_n,
-                               BLOCK_W=block_w, num_warps=num_warps)
+            _gemv_kernel[grid](x.q.view(torch.int32), x.d, x.s, w, w32, w16, target, m, rows, row_bytes,
+                               blocks_per_split, stride_os, ASM=not quant_matmul.INTERPRETED, SPLIT=splits > 1,
+                               BLOCK_M=_pow2_at_least(m), BLOCK_N=block_n, BLOCK_B=block_b,
+                               num_warps=num_warps, **flags)
             if splits > 1:
                 sum_splits(part, out, swiglu)
         else:
-            block_m, block_n, block_w, num_warps = tiled_tiles(m, rows, words)
+            block_m, block_n, num_warps = tiled_tiles(m, rows)
             grid = (triton.cdiv(rows, block_n), triton.cdiv(m, block_m))
-            _tiled_kernel[grid](x, w, w32, w16, out, m, rows, x.stride(0), row_bytes,
-                                NB=nb, FOUR_BIT=four_bit, HAS_MIN=has_min, ALIGNED=aligned, SWIGLU=swiglu,
-                                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_W=block_w, num_warps=num_warps)
+            _tiled_kernel[grid](x.q, x.d, x.s, w, w32, w16, out, m, rows, row_bytes,
+                                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags)
     return out
