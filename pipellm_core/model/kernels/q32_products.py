@@ -33,6 +33,10 @@ Why written here: no maintained library multiplies by GGUF blocks in PyTorch on 
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
+import os
+from pathlib import Path
 
 import torch
 from gguf import GGMLQuantizationType as GGMLType
@@ -297,6 +301,37 @@ def tiled_tiles(m: int, n_rows: int) -> tuple[int, int, int]:
     return block_m, 64, 4
 
 
+# Tile choices measured per GPU model by `benchmarks/kernel_probe_q32.py --sweep`, which writes
+# this file's format: {device name: {"gemv|tiled M rows blocks swiglu": tiles}} (M a power of
+# two). PIPELLM_Q32_TILES names another such file. Shapes not in it take the rules above.
+TILES_FILE = Path(__file__).with_name("q32_tiles.json")
+
+
+@functools.cache
+def tuned_tiles(device_index: int) -> dict[str, list[int]]:
+    path = Path(os.environ.get("PIPELLM_Q32_TILES") or TILES_FILE)
+    table = json.loads(path.read_text()) if path.is_file() else {}
+    return table.get(torch.cuda.get_device_name(device_index), {})
+
+
+def tiles_key(kernel: str, m: int, n_rows: int, blocks: int, swiglu: bool) -> str:
+    return f"{kernel} {_pow2_at_least(m)} {n_rows} {blocks} {int(swiglu)}"
+
+
+def _tiles(kernel: str, m: int, n_rows: int, blocks: int, swiglu: bool, device: torch.device) -> tuple:
+    """The tiles measured best for this shape on this GPU model (or on the nearest measured
+    batch above m, for the decode kernel), else the rules of `gemv_tiles` / `tiled_tiles`."""
+    if device.type == "cuda":
+        table = tuned_tiles(device.index if device.index is not None else torch.cuda.current_device())
+        bucket = _pow2_at_least(m)
+        buckets = [b for b in (1, 2, 4, 8) if b >= bucket] if kernel == "gemv" else [bucket]
+        for b in buckets:
+            hit = table.get(tiles_key(kernel, b, n_rows, blocks, swiglu))
+            if hit:
+                return tuple(hit)
+    return gemv_tiles(m, n_rows, blocks) if kernel == "gemv" else tiled_tiles(m, n_rows)
+
+
 def _on_device_of(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
@@ -331,7 +366,7 @@ def matmul(x, w: torch.Tensor, qtype, n: int, k: int, *, swiglu: bool = False,
     flags = dict(NB=nb, FOUR_BIT=four_bit, HAS_MIN=has_min, ALIGNED=aligned, SWIGLU=swiglu)
     with _on_device_of(x.q):
         if kernel == "gemv":
-            block_n, block_b, splits, num_warps = gemv_tiles(m, rows, nb)
+            block_n, block_b, splits, num_warps = _tiles("gemv", m, rows, nb, swiglu, x.q.device)
             blocks_per_split = -(-nb // (splits * block_b)) * block_b
             splits = -(-nb // blocks_per_split)
             if splits > 1:
@@ -347,7 +382,7 @@ def matmul(x, w: torch.Tensor, qtype, n: int, k: int, *, swiglu: bool = False,
             if splits > 1:
                 sum_splits(part, out, swiglu)
         else:
-            block_m, block_n, num_warps = tiled_tiles(m, rows)
+            block_m, block_n, num_warps = _tiles("tiled", m, rows, nb, swiglu, x.q.device)
             grid = (triton.cdiv(rows, block_n), triton.cdiv(m, block_m))
             _tiled_kernel[grid](x.q, x.d, x.s, w, w32, w16, out, m, rows, row_bytes,
                                 BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags)
