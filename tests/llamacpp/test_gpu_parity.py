@@ -48,7 +48,9 @@ def test_cuda_greedy_reported(smollm2_path):
     engine = Engine(path, device="cuda", max_batch=1, ctx_size=256, progress=False)
     ref = LlamaCppBackend(path, device="cuda", max_batch=1, ctx_size=256)
     ours, theirs = greedy(engine, PROMPTS, 32), greedy(ref, PROMPTS, 32)
-    assert all(len(a) == 32 for a in ours)
+    # a continuation ends early where the model emits end-of-text (seen on an H200)
+    assert all(0 < len(a) <= 32 for a in ours) and len(ours) == len(theirs) == len(PROMPTS)
+    print(f"continuation lengths: pipellm {[len(a) for a in ours]}, llama.cpp {[len(b) for b in theirs]}")
     prefix = [next((i for i, (s, t) in enumerate(zip(a, b)) if s != t), len(a)) for a, b in zip(ours, theirs)]
     print(f"identical 32-token greedy continuations: {sum(a == b for a, b in zip(ours, theirs))} of "
           f"{len(PROMPTS)}; shared prefixes {prefix}")

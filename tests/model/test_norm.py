@@ -79,9 +79,13 @@ def check(M, E, delta_dtype, round_q8, ours, theirs):
         acts = Q8Activations.empty(M, E, dev)
         h2 = h0.clone()
         again = norm.add_rms_norm(h2, delta, weight, eps, True, q8_out=acts)
-        assert torch.equal(again, got) and torch.equal(h2, h)
-        assert torch.equal(acts.values().half(), got), "quants and scales are not the rounded values"
+        assert torch.equal(h2, h)
+        assert torch.equal(acts.values().half(), again), "quants and scales are not the rounded values"
         assert torch.equal(acts.s, acts.q.float().reshape(M, -1, 32).sum(-1))
+        # compiled on its own, this variant may add the squares in another order (seen on an
+        # H200): a value may then round to the neighbouring quant
+        step = got.float().reshape(M, -1, 32).abs().amax(-1, keepdim=True) / 127
+        assert ((again.float() - got.float()).abs() <= (1.25 * step).expand(M, E // 32, 32).reshape(M, E)).all()
     ref, tol = float64_reference(hs, weight, eps, round_q8)
     err = (got.double() - ref).abs()
     assert (err <= tol).all(), (seed, M, E, delta_dtype, round_q8, "float64", (err / tol).max().item())
