@@ -107,15 +107,15 @@ H200 = replace(
     peer_bytes_per_s=450e9,
     kernel_costs=(
         ("small", ((1, 3.3e-6, 4.3e12),)),
-        ("q32 product", ((1, 3.3e-6, 0.84e12), (8, 11e-6, 0.26e12), (32, 31e-6, 0.142e12))),
+        ("q32 product", ((1, 4.8e-6, 2.0e12), (8, 5.4e-6, 0.52e12), (32, 17e-6, 0.32e12))),
         ("k product", ((1, 3.3e-6, 0.42e12), (8, 3.3e-6, 0.58e12), (32, 3.3e-6, 0.32e12))),
         ("dense product", ((1, 3.3e-6, 2.9e12), (8, 3.3e-6, 2.7e12), (32, 3.3e-6, 2.35e12))),
     ),
     notes=(
         "Measured on our H200: memory, copy bandwidth (4.24 TB/s), pinned copies (55 GB/s). "
         "pipellm's own kernels (fixed time and bandwidth by rows, per kind) are fitted to the "
-        "decode steps measured at commit e0f22df (benchmarks/results/h200/): SmolLM2 Q4_1, 8B "
-        "Q4_0, Q4_K_M and F16 at batch 1, 8 and 32 come within 10% "
+        "decode steps measured at commit ee402e7 (benchmarks/results/h200/): SmolLM2 Q4_1, 8B "
+        "Q4_0, Q4_K_M and F16 at batch 1, 8 and 32 come within 12% "
         "(tests/sim/test_kernel_calibration.py). Peer bandwidth is an estimate for NVLink (NV18); "
         "the other overheads are the H100's."
     ),
