@@ -30,7 +30,7 @@ from pipellm_core.model.kernels import products
 from pipellm_core.model.kernels.activation_q8 import Q8Activations
 from pipellm_core.model.linear import linear
 
-ATTENTION_HEAD_DIMS = (32, 64, 96, 128)
+ATTENTION_HEAD_DIMS = (32, 64, 96, 128, 256)
 
 
 def _kernels():
@@ -75,6 +75,24 @@ def layer(model, i: int, h: torch.Tensor, positions: torch.Tensor, slots: torch.
     act = linear(x, w.w_gate_up, rounded=q8, swiglu=True, q8=acts)
     hidden += linear(act, w.w_down)
     return hidden.reshape(B, 1, c.n_embd)
+
+
+def attention_applies(config, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether a decode step's attention of the torch path (`Transformer._layer`, the layers
+    `applies` leaves to it: q/k norms, post-norms, GELU, local windows) reads the cache in place
+    with the decode kernel: on the kernels' device, fp16, no attention-logit soft-capping."""
+    return (products.runs_here(q.device) and q.dtype == torch.float16 and k_cache.dtype == torch.float16
+            and not config.attn_softcap and config.head_dim in ATTENTION_HEAD_DIMS)
+
+
+def attention_in_place(config, q, k_cache, v_cache, slots, positions, ctx_len: int, window: int):
+    """q [B, 1, H, D] attending each row's cached positions (its last `window` only, where set)
+    in place, by slot: [B, 1, H, D]. No copy of keys or values, static shapes for graphs."""
+    attention_kernel, _, _ = _kernels()
+    B, _, H, D = q.shape
+    out = attention_kernel.decode_attention(q.reshape(B, H, D), k_cache, v_cache, slots, positions.reshape(B) + 1,
+                                            ctx_len, config.query_scale, window=window)
+    return out.reshape(B, 1, H, D)
 
 
 def _q8_out(w, rows: int, cols: int, device):

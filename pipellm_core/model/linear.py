@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from pipellm_core.model.activation_rounding import round_like_llamacpp
 from pipellm_core.model.cpu_weights import dense_weight
@@ -37,3 +38,13 @@ def linear(x: torch.Tensor, w: QuantizedMatrix, bias: torch.Tensor | None = None
     else:
         y = x @ w.dequantize(x.dtype).t()
     return y + bias.to(y.dtype) if bias is not None else y
+
+
+def round_once(x: torch.Tensor, mats: list[QuantizedMatrix]) -> tuple[torch.Tensor, bool]:
+    """On the CPU, x rounded once for products with all of `mats` where they share a type (each
+    `linear` would otherwise round it again), and whether it was; elsewhere x as it is. Not
+    while a dispatch mode charges operations: the sim costs the operations a GPU step runs."""
+    types = {m.qtype for m in mats}
+    if x.device.type != "cpu" or len(types) != 1 or _get_current_dispatch_mode() is not None:
+        return x, False
+    return round_like_llamacpp(x, types.pop(), "cpu"), True

@@ -12,11 +12,12 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from pipellm_core.gguf.model_file import ModelConfig
 from pipellm_core.model import fused_decode
 from pipellm_core.model.gelu import gelu_gate
-from pipellm_core.model.linear import linear
+from pipellm_core.model.linear import linear, round_once
 from pipellm_core.model.weights import LayerWeights, ModelWeights
 
 
@@ -103,9 +104,23 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: t
         return soft_capped_attention(q, keys, values, mask, scale, softcap)
     if q.is_cuda and kv != H:
         return grouped_query_attention(q, keys, values, mask, scale)
+    if q.shape[1] == 1 and q.device.type == "cpu" and _get_current_dispatch_mode() is None:
+        return one_query_attention(q, keys, values, mask, scale)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=kv != H,
                                          scale=scale)
     return out.transpose(1, 2)
+
+
+def one_query_attention(q, keys, values, mask, scale=None):
+    """`attention` of one new position per row (a decode step on the CPU) as two products and a
+    softmax, the G query heads of a key/value head in one product: PyTorch's fused CPU kernel
+    tiles for many query positions and took several times longer per layer for one."""
+    B, _, H, D = q.shape
+    kv, ctx = keys.shape[1], keys.shape[2]
+    qg = q.reshape(B, kv, H // kv, D)
+    scores = torch.matmul(qg, keys.transpose(-1, -2)) * (D ** -0.5 if scale is None else scale)
+    scores = scores.masked_fill(~mask.reshape(B, 1, 1, ctx), float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), values).reshape(B, 1, H, D)
 
 
 def grouped_query_attention(q, keys, values, mask, scale=None):
@@ -185,9 +200,10 @@ class Transformer:
         c = self.config
         B, T, _ = h.shape
         x = rms_norm(h, w.attn_norm, c.rms_eps).to(self.dtype)
-        q = linear(x, w.wq, w.bq).view(B, T, c.n_heads, c.head_dim)
-        k = linear(x, w.wk, w.bk).view(B, T, c.n_kv_heads, c.head_dim)
-        v = linear(x, w.wv, w.bv).view(B, T, c.n_kv_heads, c.head_dim)
+        x, rounded = round_once(x, [w.wq, w.wk, w.wv])
+        q = linear(x, w.wq, w.bq, rounded=rounded).view(B, T, c.n_heads, c.head_dim)
+        k = linear(x, w.wk, w.bk, rounded=rounded).view(B, T, c.n_kv_heads, c.head_dim)
+        v = linear(x, w.wv, w.bv, rounded=rounded).view(B, T, c.n_kv_heads, c.head_dim)
         if w.q_norm is not None:
             q, k = rms_norm(q, w.q_norm, c.rms_eps), rms_norm(k, w.k_norm, c.rms_eps)
         local = c.is_local(i)
@@ -198,16 +214,21 @@ class Transformer:
         kc, vc = self.cache.k[i], self.cache.v[i]
         kc[slots[:, None], :, positions] = k.to(kc.dtype)
         vc[slots[:, None], :, positions] = v.to(vc.dtype)
-        keys, values = kc[slots, :, :ctx_len], vc[slots, :, :ctx_len]
-        if local:
-            mask = self.attention_mask(positions, ctx_len, c.sliding_window)
-        attn = attention(q, keys.to(q.dtype), values.to(q.dtype), mask, c.query_scale, c.attn_softcap)
+        window = c.sliding_window if local else 0
+        if T == 1 and fused_decode.attention_applies(c, q, kc):
+            attn = fused_decode.attention_in_place(c, q, kc, vc, slots, positions, ctx_len, window)
+        else:
+            keys, values = kc[slots, :, :ctx_len], vc[slots, :, :ctx_len]
+            if local:
+                mask = self.attention_mask(positions, ctx_len, window)
+            attn = attention(q, keys.to(q.dtype), values.to(q.dtype), mask, c.query_scale, c.attn_softcap)
         out = linear(attn.reshape(B, T, -1), w.wo)
         if w.post_attn_norm is not None:
             out = rms_norm(out.float(), w.post_attn_norm, c.rms_eps)
         h = h + out.to(h.dtype)
         x = rms_norm(h, w.ffn_norm, c.rms_eps).to(self.dtype)
-        gate, up = linear(x, w.w_gate), linear(x, w.w_up)
+        x, rounded = round_once(x, [w.w_gate, w.w_up])
+        gate, up = linear(x, w.w_gate, rounded=rounded), linear(x, w.w_up, rounded=rounded)
         act = gelu_gate(gate, up) if c.ffn_act == "gelu" else F.silu(gate) * up
         out = linear(act, w.w_down)
         if w.post_ffn_norm is not None:

@@ -28,19 +28,20 @@ def poisoned_empty(*args, **kwargs):
     return t.fill_(float("nan")) if t.is_floating_point() else t
 torch.empty = poisoned_empty
 
-def reference(q, kc, vc, slots, lengths, scale):
+def reference(q, kc, vc, slots, lengths, scale, window=0):
     B, H, D = q.shape
     G = H // kc.shape[1]
     out = torch.empty(B, H, D, dtype=torch.float64, device=q.device)
     for b in range(B):
         L = int(lengths[b])
-        k = kc[slots[b], :, :L].double().repeat_interleave(G, 0)  # [H, L, D]
-        v = vc[slots[b], :, :L].double().repeat_interleave(G, 0)
+        F = max(0, L - window) if window else 0
+        k = kc[slots[b], :, F:L].double().repeat_interleave(G, 0)  # [H, L - F, D]
+        v = vc[slots[b], :, F:L].double().repeat_interleave(G, 0)
         w = torch.softmax(torch.einsum("hd,hld->hl", q[b].double(), k) * scale, -1)
         out[b] = torch.einsum("hl,hld->hd", w, v)
     return out
 
-def check(B, H, KV, D, ctx_len, S, seed, given_workspace):
+def check(B, H, KV, D, ctx_len, S, seed, given_workspace, window=0):
     g = torch.Generator().manual_seed(seed)
     C = ctx_len + 7
     q = torch.randn(B, H, D, generator=g).half().to(dev)
@@ -55,16 +56,19 @@ def check(B, H, KV, D, ctx_len, S, seed, given_workspace):
     kc[garbage], vc[garbage] = 3e4, float("nan")
     for b in range(B):
         kc[slots[b], :, lengths[b]:], vc[slots[b], :, lengths[b]:] = 3e4, float("nan")
+        if window:  # positions before the window must not be read either
+            first = max(0, int(lengths[b]) - window)
+            kc[slots[b], :, :first], vc[slots[b], :, :first] = 3e4, float("nan")
     kc, vc, slots, lengths = kc.to(dev), vc.to(dev), slots.to(dev), lengths.to(dev)
     scale = 1 / math.sqrt(D)
     workspace = None
     if given_workspace:
         workspace = torch.full((kernel.workspace_size(B, H, D, ctx_len),), float("nan"), device=dev)
-    got = kernel.decode_attention(q, kc, vc, slots, lengths, ctx_len, scale, workspace)
-    again = kernel.decode_attention(q, kc, vc, slots, lengths, ctx_len, scale, workspace)
-    want = reference(q, kc, vc, slots, lengths, scale)
+    got = kernel.decode_attention(q, kc, vc, slots, lengths, ctx_len, scale, workspace, window)
+    again = kernel.decode_attention(q, kc, vc, slots, lengths, ctx_len, scale, workspace, window)
+    want = reference(q, kc, vc, slots, lengths, scale, window)
     err = ((got.double() - want).norm() / want.norm()).item()
-    case = (B, H, KV, D, ctx_len, kernel.split_shape(B, H, ctx_len), lengths.tolist())
+    case = (B, H, KV, D, ctx_len, window, kernel.split_shape(B, H, ctx_len), lengths.tolist())
     assert got.shape == (B, H, D) and got.dtype == torch.float16, case
     assert torch.isfinite(got).all() and err < bound, (case, err)
     assert torch.equal(got, again), case
@@ -72,6 +76,11 @@ def check(B, H, KV, D, ctx_len, S, seed, given_workspace):
 
 for i, (B, H, KV, D, ctx_len) in enumerate(CASES):
     check(B, H, KV, D, ctx_len, S=max(5, B + 1), seed=i, given_workspace=i % 2 == 0)
+# sliding windows: shorter than some rows, longer than others, and one position
+for i, (B, H, KV, D, ctx_len, window) in enumerate([(1, 4, 2, 64, 300, 100), (3, 8, 2, 64, 300, 64),
+                                                    (3, 9, 3, 64, 100, 1), (2, 4, 4, 128, 200, 500),
+                                                    (2, 8, 4, 256, 150, 64)]):
+    check(B, H, KV, D, ctx_len, S=max(5, B + 1), seed=100 + i, given_workspace=i % 2 == 1, window=window)
 EXTRA
 print("ok")
 """
@@ -117,3 +126,39 @@ def test_workspace_and_grid_depend_only_on_the_step_shape():
         assert split_len % kernel.BLOCK_N == 0 and (n_splits - 1) * split_len < ctx <= n_splits * split_len
         assert n_splits == 1 or split_len >= kernel.MIN_SPLIT
         assert kernel.workspace_size(B, H, 128, ctx) == B * H * n_splits * 130
+
+
+TORCH_PATH = r"""
+import math, types, torch
+from pipellm_core.model import fused_decode
+from pipellm_core.model.transformer import Transformer, attention
+
+# the torch path's decode attention read in place (`fused_decode.attention_in_place`) against
+# the same path's gather-and-mask attention, with and without a sliding window
+g = torch.Generator().manual_seed(5)
+B, H, KV, D, S, C = 3, 8, 2, 64, 6, 160
+config = types.SimpleNamespace(attn_softcap=0.0, head_dim=D, query_scale=0.7 / math.sqrt(D))
+kc = torch.randn(S, KV, C, D, generator=g).half()
+vc = torch.randn(S, KV, C, D, generator=g).half()
+q = torch.randn(B, 1, H, D, generator=g).half()
+slots = torch.tensor([4, 0, 2])
+positions = torch.tensor([[130], [7], [64]])
+ctx_len = 131
+assert fused_decode.attention_applies(config, q, kc)
+keys = torch.arange(ctx_len)
+for window in (0, 32, 1):
+    got = fused_decode.attention_in_place(config, q, kc, vc, slots, positions, ctx_len, window)
+    seen = keys[None, None, :] <= positions[:, :, None]
+    if window:
+        seen &= keys[None, None, :] > positions[:, :, None] - window
+    want = attention(q.float(), kc[slots, :, :ctx_len].float(), vc[slots, :, :ctx_len].float(),
+                     seen.unsqueeze(1), config.query_scale)
+    err = ((got.float() - want).norm() / want.norm()).item()
+    assert got.shape == (B, 1, H, D) and err < 2e-3, (window, err)
+    print("window", window, f"{err:.1e}")
+print("ok")
+"""
+
+
+def test_torch_path_attention_in_place_matches_gather_and_mask_in_the_interpreter():
+    run_in_interpreter(TORCH_PATH.replace("{", "{{").replace("}", "}}"))

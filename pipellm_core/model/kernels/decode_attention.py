@@ -43,7 +43,7 @@ MIN_SPLIT = 128  # fewest positions a split holds, so the merge stays small next
 # 4 query heads per key/value head), or splits reach MIN_SPLIT positions.
 TARGET_HEAD_SPLITS = 2048
 MERGE_CHUNK = 16  # splits merged per iteration of pass 2
-HEAD_DIMS = (32, 64, 96, 128)
+HEAD_DIMS = (32, 64, 96, 128, 256)
 
 
 def split_shape(B: int, H: int, ctx_len: int) -> tuple[int, int]:
@@ -61,14 +61,16 @@ def workspace_size(B: int, H: int, D: int, ctx_len: int) -> int:
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      slots: torch.Tensor, lengths: torch.Tensor, ctx_len: int, scale: float,
-                     workspace: torch.Tensor | None = None) -> torch.Tensor:
+                     workspace: torch.Tensor | None = None, window: int = 0) -> torch.Tensor:
     """Attention of one new query per row over that row's cached positions.
 
     q: fp16 [B, H, D]; k_cache, v_cache: fp16 [S, KV, C, D] with H a multiple of KV and D in
-    {32, 64, 96, 128}; slots: integer [B], the cache slot of each row; lengths: integer [B], row b
+    {32, 64, 96, 128, 256}; slots: integer [B], the cache slot of each row; lengths: integer [B], row b
     attends positions 0 .. lengths[b] - 1 (read on the device, clamped to ctx_len; a row of length
     0 gives zeros); ctx_len: static bound on the lengths, at most C; workspace: float32, at least
-    `workspace_size(B, H, D, ctx_len)` elements (allocated here when None).
+    `workspace_size(B, H, D, ctx_len)` elements (allocated here when None); window: where set, a
+    row attends only its last `window` positions (a sliding-window layer), and the positions
+    before them are not read: the splits that hold none of them exit without work.
     Returns fp16 [B, H, D] = softmax(q k^T * scale) v over the attended positions.
     """
     B, H, D = q.shape
@@ -77,7 +79,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     assert v_cache.shape == k_cache.shape and v_cache.stride() == k_cache.stride()
     assert Dk == D and D in HEAD_DIMS and H % KV == 0 and 0 < ctx_len <= C
     assert q.stride(2) == 1 and k_cache.stride(3) == 1
-    assert slots.shape == (B,) and lengths.shape == (B,)
+    assert slots.shape == (B,) and lengths.shape == (B,) and window >= 0
     G = H // KV
     split_len, n_splits = split_shape(B, H, ctx_len)
     need = B * H * n_splits * (D + 2)
@@ -92,12 +94,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         _attend_split[(B, KV, n_splits)](
             q, k_cache, v_cache, slots, lengths, workspace,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            ctx_len, split_len, n_splits, H, m_offset, l_offset, scale * LOG2_E,
+            ctx_len, split_len, n_splits, H, m_offset, l_offset, scale * LOG2_E, window,
             G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, D_PAD=D_PAD, BLOCK_N=BLOCK_N,
             num_warps=4, num_stages=2)
         _merge_splits[(B, H)](
             workspace, out, lengths, out.stride(0), out.stride(1),
-            ctx_len, split_len, n_splits, H, m_offset, l_offset,
+            ctx_len, split_len, n_splits, H, m_offset, l_offset, window,
             D=D, D_PAD=D_PAD, CHUNK=MERGE_CHUNK, num_warps=4)
     return out
 
@@ -106,16 +108,17 @@ if triton is not None:
     @triton.jit
     def _attend_split(q_ptr, k_ptr, v_ptr, slots_ptr, lengths_ptr, ws_ptr,
                       stride_qb, stride_qh, stride_cs, stride_ch, stride_cp,
-                      ctx_len, split_len, n_splits, H, m_offset, l_offset, qk_scale,
+                      ctx_len, split_len, n_splits, H, m_offset, l_offset, qk_scale, window,
                       G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                       BLOCK_N: tl.constexpr):
         b = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
         length = tl.minimum(tl.load(lengths_ptr + b).to(tl.int32), ctx_len)
-        start = split * split_len
-        end = tl.minimum(start + split_len, length)
-        # a split past the row's length loads and stores nothing: no query rows are live
+        first = tl.where(window > 0, tl.maximum(length - window, 0), 0)  # first attended position
+        start = tl.maximum(split * split_len, first)
+        end = tl.minimum(split * split_len + split_len, length)
+        # a split outside the row's attended positions loads and stores nothing: no query rows are live
         live_heads = tl.where(start < end, G, 0)
 
         g = tl.arange(0, G_PAD)
@@ -154,12 +157,13 @@ if triton is not None:
 
     @triton.jit
     def _merge_splits(ws_ptr, out_ptr, lengths_ptr, stride_ob, stride_oh,
-                      ctx_len, split_len, n_splits, H, m_offset, l_offset,
+                      ctx_len, split_len, n_splits, H, m_offset, l_offset, window,
                       D: tl.constexpr, D_PAD: tl.constexpr, CHUNK: tl.constexpr):
         b = tl.program_id(0)
         h = tl.program_id(1)
         length = tl.minimum(tl.load(lengths_ptr + b).to(tl.int32), ctx_len)
-        n_valid = (length + split_len - 1) // split_len  # splits pass 1 wrote for this row
+        n_valid = (length + split_len - 1) // split_len  # splits pass 1 wrote for this row: from
+        first_valid = tl.where(window > 0, tl.maximum(length - window, 0), 0) // split_len
         first = (b * H + h) * n_splits
         c = tl.arange(0, CHUNK)
         d = tl.arange(0, D_PAD)
@@ -168,7 +172,7 @@ if triton is not None:
         m_run = tl.max(tl.full([CHUNK], float("-inf"), tl.float32), 0)
         l_run = tl.sum(tl.zeros([CHUNK], tl.float32), 0)
         acc = tl.zeros([D_PAD], tl.float32)
-        for c0 in range(0, n_valid, CHUNK):
+        for c0 in range(first_valid, n_valid, CHUNK):
             split = c0 + c
             ok = split < n_valid
             m = tl.load(ws_ptr + m_offset + first + split, mask=ok, other=float("-inf"))
