@@ -60,6 +60,7 @@ class StageGroup:
 
     def __init__(self, rank: int, size: int, device: str):
         self.rank, self.size, self.device = rank, size, device
+        self.in_pass = False  # rank 0: a pass announced whose logits have not come back
 
     @classmethod
     def join(cls, device: str) -> "StageGroup | None":
@@ -95,6 +96,7 @@ class StageGroup:
 
     def begin(self, p: StagePass) -> None:
         """Rank 0: announce a forward pass to every stage."""
+        self.in_pass = True
         self._broadcast(StagePass(p.positions.cpu(), p.slots.cpu(), p.ctx_len,
                                   None if p.logits_index is None else p.logits_index.cpu()))
 
@@ -103,8 +105,11 @@ class StageGroup:
         return self._broadcast(None)
 
     def stop(self) -> None:
-        """Rank 0: no more passes; the other ranks' `next_pass` answers None."""
-        self._broadcast(None)
+        """Rank 0: no more passes; the other ranks' `next_pass` answers None. Not in the middle of
+        a pass (rank 0 failed in it): the other ranks wait for its data, not for a message, and
+        torchrun ends them when rank 0 exits with its error."""
+        if not self.in_pass:
+            self._broadcast(None)
 
     def _broadcast(self, message):
         box = [message]
@@ -130,8 +135,10 @@ class StageGroup:
         """Rank 0: the logits (float32) the last stage computed."""
         logits = torch.empty(shape, dtype=torch.float32, device=self.device)
         dist.recv(logits, src=self.size - 1)
+        self.in_pass = False
         return logits
 
     def leave(self) -> None:
+        """Leave the job's process group (after the last pass)."""
         if dist.is_initialized():
             dist.destroy_process_group()

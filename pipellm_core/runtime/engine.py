@@ -163,7 +163,8 @@ class Engine(ContinuousBatcher):
         return out[:, -1] if stage == len(self.plan.stages) - 1 else out
 
     def decode_step(self, batch: StepBatch) -> torch.Tensor:
-        """Logits [B, vocab] of one decode step for every sequence in `batch`."""
+        """Logits [B, vocab] of one decode step for every sequence in `batch`. Under torchrun
+        the whole batch passes the stage processes in order (no `schedule` or `decode` hook)."""
         if self.stage_group:
             with self.running():
                 return self._all_layers(batch.tokens[:, None], batch.positions[:, None], batch.slots,
@@ -230,11 +231,13 @@ class Engine(ContinuousBatcher):
         while (p := self.stage_group.next_pass()) is not None:
             with self.running():
                 self._own_stage(p)
+        self.stage_group.leave()
 
     def stop_stages(self) -> None:
         """Rank 0: end the other ranks' `serve_stage`."""
         if self.stage_group and self.stage_group.first:
             self.stage_group.stop()
+            self.stage_group.leave()
 
     # --- generation ----------------------------------------------------------------------
 
