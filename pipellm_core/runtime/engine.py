@@ -6,12 +6,13 @@ from __future__ import annotations
 import torch
 
 from pipellm_core.runtime.batching import ContinuousBatcher, check_context_size
+from pipellm_core.runtime.distributed_stages import StageGroup, StagePass, launched_processes
 from pipellm_core.runtime.group_batching import generate_in_groups
 from pipellm_core.runtime.platform import make_platform
 from pipellm_core.errors import PipeLLMError
 from pipellm_core.model.load_plan import LoadPlan
 from pipellm_core.gguf.model_file import ModelFile
-from pipellm_core.hooks.manager import make_plugin_manager
+from pipellm_core.hooks.manager import make_plugin_manager, parse_plugin_list
 from pipellm_core.runtime.request import GenerationStats, Request, Timer
 from pipellm_core.runtime.step import StepBatch
 from pipellm_core.runtime.step_shapes import StepShapes
@@ -31,6 +32,19 @@ def resolve_device(device: str) -> str:
     return "cpu"
 
 
+def check_stage_processes(plugins, sim) -> None:
+    """Under torchrun each process runs one pipeline stage, eagerly: the pipeline plugin, alone."""
+    if sim is not None:
+        raise PipeLLMError("the sim backend runs in one process; drop torchrun or --backend sim")
+    names = parse_plugin_list(plugins)
+    if "pipeline" not in names:
+        raise PipeLLMError("under torchrun each process runs one pipeline stage: add --plugins pipeline")
+    others = [n for n in names if n != "pipeline"]
+    if others:
+        raise PipeLLMError(f"under torchrun the stages run eagerly; {', '.join(others)} not yet "
+                           f"(use --plugins pipeline alone)")
+
+
 def default_dtype(device: str) -> torch.dtype:
     return torch.float16 if device.startswith("cuda") else torch.float32
 
@@ -47,6 +61,8 @@ class Engine(ContinuousBatcher):
     list) replace the default ones. On the CPU steps keep their exact shape unless
     `pad_steps=True`: no graph runs there, and exact shapes are what llama.cpp computes.
     `plugin_options` holds settings of plugins, keyed "plugin.setting".
+    Under torchrun (`stage_group`) each process is one pipeline stage and holds only its layers;
+    rank 0 generates, the other ranks run `serve_stage` (`runtime.distributed_stages`).
     """
 
     def __init__(self, model_path: str, *, device: str = "cpu", plugins=(), max_batch: int = 1,
@@ -56,7 +72,10 @@ class Engine(ContinuousBatcher):
                  batch_buckets=None, ctx_buckets=None, pad_steps: bool | None = None):
         if sim is not None and device != "cpu":
             raise PipeLLMError("the sim backend computes on the CPU; leave --device at cpu")
-        self.device = resolve_device(device)
+        if launched_processes() > 1:
+            check_stage_processes(plugins, sim)
+        self.stage_group = StageGroup.join(device)  # None unless launched by torchrun
+        self.device = self.stage_group.device if self.stage_group else resolve_device(device)
         self.platform = make_platform(self.device, sim, sim_devices)
         self.sim = getattr(self.platform, "runtime", None)  # the sim's runtime, for traces and memory figures
         self.progress = progress
@@ -77,6 +96,9 @@ class Engine(ContinuousBatcher):
         self.plan = LoadPlan.empty(self.config.n_layers)
         self.pm.hook.load(plan=self.plan, config=self.config, engine=self)
         self.pm.hook.check_plan(plan=self.plan, engine=self)
+        if self.stage_group and len(self.plan.stages) != self.stage_group.size:
+            raise PipeLLMError(f"the pipeline plugin gave {len(self.plan.stages)} stages for "
+                               f"{self.stage_group.size} processes")
         self.weights = load_weights(self.file, self.plan, progress)
         self.cache = self._kv_cache(self.weights.layer_devices)
         self.pad_slot = max_batch  # the cache's extra slot
@@ -141,7 +163,12 @@ class Engine(ContinuousBatcher):
         return out[:, -1] if stage == len(self.plan.stages) - 1 else out
 
     def decode_step(self, batch: StepBatch) -> torch.Tensor:
-        """Logits [B, vocab] of one decode step for every sequence in `batch`."""
+        """Logits [B, vocab] of one decode step for every sequence in `batch`. Under torchrun
+        the whole batch passes the stage processes in order (no `schedule` or `decode` hook)."""
+        if self.stage_group:
+            with self.running():
+                return self._all_layers(batch.tokens[:, None], batch.positions[:, None], batch.slots,
+                                        batch.ctx_len)[:, -1]
         schedule = self.pm.hook.schedule(engine=self, batch=batch)
         outputs: dict[int, torch.Tensor] = {}
         with self.running():
@@ -171,9 +198,46 @@ class Engine(ContinuousBatcher):
         positions = torch.arange(length).expand(len(prompts), length).to(dev)
         last = None if all_logits else torch.tensor([len(p) - 1 for p in prompts], device=dev)
         with self.running():
-            out = self._forward(tokens.to(dev), positions, torch.tensor(slots, device=dev), length,
-                                range(self.config.n_layers), logits_index=last)
+            out = self._all_layers(tokens.to(dev), positions, torch.tensor(slots, device=dev), length, last)
             return out if all_logits else out[:, 0]
+
+    def _all_layers(self, tokens, positions, slots, ctx_len: int, logits_index=None) -> torch.Tensor:
+        """A forward pass through every layer, to the logits: in this process, or across the
+        stage processes, announced by rank 0 (`stage_group`)."""
+        if not self.stage_group:
+            return self._forward(tokens, positions, slots, ctx_len, range(self.config.n_layers),
+                                 logits_index=logits_index)
+        p = StagePass(positions, slots, ctx_len, logits_index)
+        self.stage_group.begin(p)
+        return self._own_stage(p, tokens)
+
+    def _own_stage(self, p: StagePass, tokens=None) -> torch.Tensor | None:
+        """This process's stage of pass `p`: the hidden state from the stage before (on rank 0
+        the embedding of `tokens`) through its layers, the output on to the next stage. Rank 0
+        returns the logits the last stage sends back."""
+        group, p = self.stage_group, p.on(self.device)
+        hidden = None if group.first else group.receive_hidden(p.hidden_shape(self.config.n_embd),
+                                                               self.residual_dtype)
+        out = self._forward(tokens, p.positions, p.slots, p.ctx_len, self.stage_layers(group.rank),
+                            hidden=hidden, logits_index=p.logits_index)
+        group.pass_on(out)
+        return group.receive_logits(p.logits_shape(self.config.vocab_size)) if group.first else None
+
+    # --- stage processes (torchrun) -------------------------------------------------------------
+
+    def serve_stage(self) -> None:
+        """Ranks above 0: run this process's stage of every pass rank 0 announces, until rank 0
+        calls `stop_stages`."""
+        while (p := self.stage_group.next_pass()) is not None:
+            with self.running():
+                self._own_stage(p)
+        self.stage_group.leave()
+
+    def stop_stages(self) -> None:
+        """Rank 0: end the other ranks' `serve_stage`."""
+        if self.stage_group and self.stage_group.first:
+            self.stage_group.stop()
+            self.stage_group.leave()
 
     # --- generation ----------------------------------------------------------------------
 

@@ -8,6 +8,9 @@ GPU 0 already runs micro-batch 1 (with one micro-batch, the default, the GPUs ta
 With `pipeline.groups=N` the engine instead keeps N groups of sequences in flight across steps
 (`split.group_schedule`): the steps of different groups overlap, and none drains the pipeline.
 Prefill runs the stages one after another.
+Under torchrun (`engine.stage_group`) each process is one stage, split the same way: it loads
+only its stage's layers (rank 0 also the embedding, the last rank also the head) and the rest
+of the model stays on the meta device, unloaded (docs/pipeline.md, "Several processes").
 
 Options (`-O pipeline.KEY=VALUE`):
   pipeline.stages        number of stages (default: every visible GPU; on the sim, every
@@ -40,6 +43,8 @@ OPTIONS = ("stages", "micro_batches", "groups")
 
 @hookimpl
 def load(plan, config, engine):
+    if engine.stage_group:
+        return load_one_stage(plan, config, engine, engine.stage_group)
     available = engine.platform.gpu_count  # the engine's GPU and the ones after it
     if available == 0:
         warnings.warn("pipeline: stages need GPUs (--device cuda, or the sim backend with "
@@ -66,9 +71,36 @@ def load(plan, config, engine):
                           "leave pipeline.micro_batches at 1")
     engine.plugin_state["pipeline"] = (stages, micro, groups)
     if engine.progress:
-        spans = [[i for i, s in enumerate(of_layer) if s == k] for k in range(stages)]
-        print("pipeline: " + ", ".join(f"stage {k}: layers {a[0]}-{a[-1]}" for k, a in enumerate(spans)),
-              file=sys.stderr)
+        print_split(of_layer, stages)
+
+
+def load_one_stage(plan, config, engine, group):
+    """This process's stage of a torchrun job: its layers on its device, the others on the meta
+    device (shapes only, nothing loaded: other processes compute them)."""
+    opts = PluginOptions(engine, "pipeline", OPTIONS)
+    if opts.integer("stages", group.size) != group.size:
+        raise PluginError(f"pipeline: under torchrun the stages are the {group.size} processes; "
+                          f"leave pipeline.stages out")
+    if opts.integer("micro_batches", 1) != 1 or opts.integer("groups", 1) != 1:
+        raise PluginError("pipeline: micro-batches and groups in flight do not run across "
+                          "processes yet; leave pipeline.micro_batches and pipeline.groups at 1")
+    if group.size > config.n_layers:
+        raise PluginError(f"pipeline: {group.size} processes for a model of {config.n_layers} layers")
+    tensors = engine.file.tensors
+    of_layer = split_layers([packed_layer_bytes(tensors, i) for i in range(config.n_layers)], group.size)
+    here = lambda stage: group.device if stage == group.rank else "meta"  # noqa: E731
+    for i, p in enumerate(plan.layers):
+        p.stage, p.device = of_layer[i], here(of_layer[i])
+    plan.embedding_device, plan.head_device = here(0), here(group.size - 1)
+    engine.plugin_state["pipeline"] = (group.size, 1, 1)
+    if engine.progress:
+        print_split(of_layer, group.size)
+
+
+def print_split(of_layer: list[int], stages: int) -> None:
+    spans = [[i for i, s in enumerate(of_layer) if s == k] for k in range(stages)]
+    print("pipeline: " + ", ".join(f"stage {k}: layers {a[0]}-{a[-1]}" for k, a in enumerate(spans)),
+          file=sys.stderr)
 
 
 @hookimpl
