@@ -16,3 +16,11 @@ def parse_size(text) -> int:
     if not m or m.group(2).lower() not in _UNITS:
         raise ValueError(f"cannot read {text!r} as a size (say 6GiB, 6.5GB or 800MiB)")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def format_size(nbytes: int) -> str:
+    """'1.50 GiB', '12.0 MiB' or '512 B': a size for people, in binary units."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}" if unit == "GiB" else f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"

@@ -147,7 +147,9 @@ def _add_engine_options(parser) -> None:
                              "... doubling, up to -c)")
     parser.add_argument("--vram-budget", metavar="SIZE",
                         help="prefetch plugin: GPU memory the model may use, e.g. 6GiB; layers beyond it "
-                             "stream from pinned host memory (default: the GPU's free memory)")
+                             "stream from pinned host memory (default: the GPU's free memory). "
+                             "pipeline plugin: a list, one budget per stage, e.g. 24GiB,16GiB: each "
+                             "stage's share of the layers follows its budget")
     parser.add_argument("-O", "--plugin-option", action="append", default=[], metavar="PLUGIN.KEY=VALUE",
                         help="a setting for a plugin (repeatable)")
 
@@ -163,7 +165,9 @@ def _engine_options(args) -> dict:
     if args.graphs_capture is not None:
         options["graphs.capture"] = args.graphs_capture
     if args.vram_budget is not None:
-        options["prefetch.vram_budget"] = args.vram_budget
+        # a list is the pipeline's budgets, one per stage; one size is prefetch's budget
+        key = "pipeline.budgets" if "," in args.vram_budget else "prefetch.vram_budget"
+        options[key] = args.vram_budget
     out = {"sim_profile": args.sim_profile, "sim_devices": args.sim_devices} if args.backend == "sim" else {}
     for name in ("batch_buckets", "ctx_buckets"):
         if getattr(args, name):
@@ -181,7 +185,8 @@ def _check_plugin_options(args, options: dict) -> None:
     for key in options.get("plugin_options", {}):
         plugin = key.split(".", 1)[0]
         if plugin not in enabled:
-            flag = {"prefetch.vram_budget": "--vram-budget", "graphs.capture": "--graphs-capture"}.get(key, key)
+            flag = {"prefetch.vram_budget": "--vram-budget", "pipeline.budgets": "--vram-budget",
+                    "graphs.capture": "--graphs-capture"}.get(key, key)
             raise PipeLLMError(f"{flag} is a setting of the {plugin} plugin, which is not enabled "
                                f"(add --plugins {plugin})")
 

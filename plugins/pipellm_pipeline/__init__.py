@@ -2,7 +2,9 @@
 
 At load time the layers are split into contiguous stages of about equal bytes, stage s on GPU s
 (its weights and its KV cache there); the embedding goes with the first stage, the output head
-with the last. Each decode step splits its batch into micro-batches that flow through the stages
+with the last, and their bytes count in those stages' shares. With per-GPU budgets
+(`--vram-budget 24GiB,16GiB`) each stage's share follows its budget, and a stage whose weights
+exceed its budget is an error. The partition is printed on stderr. Each decode step splits its batch into micro-batches that flow through the stages
 in a fill-and-drain pipeline (`split.pipeline_schedule`), so while GPU 1 runs micro-batch 0,
 GPU 0 already runs micro-batch 1 (with one micro-batch, the default, the GPUs take turns).
 With `pipeline.groups=N` the engine instead keeps N groups of sequences in flight across steps
@@ -20,6 +22,8 @@ Options (`-O pipeline.KEY=VALUE`):
   pipeline.groups        groups of sequences kept in flight across steps (default 1): with as
                          many groups as stages, stage s runs group g while stage s-1 runs
                          group g+1, and no step drains the pipeline (`runtime.group_batching`)
+  pipeline.budgets       GPU memory for each stage's weights, comma-separated, one per stage
+                         (`--vram-budget` with a list sets it): shares and limits of the split
 With `graphs`, each stage's step is captured on its own GPU, one graph per (stage, shape).
 With `prefetch`, streaming needs every streamed layer on one GPU: that combination is refused.
 """
@@ -33,12 +37,13 @@ from pipellm_core import hookimpl
 from pipellm_core.errors import PluginError
 from pipellm_core.hooks.options import PluginOptions
 from pipellm_core.model.weights import packed_layer_bytes
+from pipellm_core.sizes import format_size, parse_size
 
-from .split import group_schedule, pipeline_schedule, split_layers
+from .split import end_bytes, group_schedule, pipeline_schedule, split_layers, stage_bytes
 
 
 
-OPTIONS = ("stages", "micro_batches", "groups")
+OPTIONS = ("stages", "micro_batches", "groups", "budgets")
 
 
 @hookimpl
@@ -57,8 +62,7 @@ def load(plan, config, engine):
                           f"from the engine's device on")
     if stages > config.n_layers:
         raise PluginError(f"pipeline: {stages} stages for a model of {config.n_layers} layers")
-    tensors = engine.file.tensors
-    of_layer = split_layers([packed_layer_bytes(tensors, i) for i in range(config.n_layers)], stages)
+    of_layer = partition(engine, config, opts, stages)
     for i, p in enumerate(plan.layers):
         p.stage = of_layer[i]
         p.device = engine.platform.stage_placement(of_layer[i])
@@ -70,8 +74,6 @@ def load(plan, config, engine):
         raise PluginError("pipeline: groups in flight run each group's step as one micro-batch; "
                           "leave pipeline.micro_batches at 1")
     engine.plugin_state["pipeline"] = (stages, micro, groups)
-    if engine.progress:
-        print_split(of_layer, stages)
 
 
 def load_one_stage(plan, config, engine, group):
@@ -86,21 +88,55 @@ def load_one_stage(plan, config, engine, group):
                           "processes yet; leave pipeline.micro_batches and pipeline.groups at 1")
     if group.size > config.n_layers:
         raise PluginError(f"pipeline: {group.size} processes for a model of {config.n_layers} layers")
-    tensors = engine.file.tensors
-    of_layer = split_layers([packed_layer_bytes(tensors, i) for i in range(config.n_layers)], group.size)
+    of_layer = partition(engine, config, opts, group.size)
     here = lambda stage: group.device if stage == group.rank else "meta"  # noqa: E731
     for i, p in enumerate(plan.layers):
         p.stage, p.device = of_layer[i], here(of_layer[i])
     plan.embedding_device, plan.head_device = here(0), here(group.size - 1)
     engine.plugin_state["pipeline"] = (group.size, 1, 1)
-    if engine.progress:
-        print_split(of_layer, group.size)
 
 
-def print_split(of_layer: list[int], stages: int) -> None:
-    spans = [[i for i, s in enumerate(of_layer) if s == k] for k in range(stages)]
-    print("pipeline: " + ", ".join(f"stage {k}: layers {a[0]}-{a[-1]}" for k, a in enumerate(spans)),
-          file=sys.stderr)
+def partition(engine, config, opts: PluginOptions, stages: int) -> list[int]:
+    """The stage of each layer, by bytes (the embedding's and head's included) and budgets;
+    printed on stderr (rank 0 only, under torchrun) where the engine shows progress."""
+    tensors = engine.file.tensors
+    layer_bytes = [packed_layer_bytes(tensors, i) for i in range(config.n_layers)]
+    first, last = end_bytes(tensors)
+    budgets = stage_budgets(opts, stages)
+    of_layer = split_layers(layer_bytes, stages, budgets, first, last)
+    held = stage_bytes(of_layer, layer_bytes, first, last)
+    for k, (b, limit) in enumerate(zip(held, budgets or [None] * stages)):
+        if limit is not None and b > limit:
+            raise PluginError(f"pipeline: stage {k} holds {format_size(b)} of weights, over its budget of "
+                              f"{format_size(limit)} (budgets {opts.get('budgets')})")
+    if engine.progress and (engine.stage_group is None or engine.stage_group.first):
+        print_split(of_layer, held, budgets)
+    return of_layer
+
+
+def stage_budgets(opts: PluginOptions, stages: int) -> list[int] | None:
+    text = opts.get("budgets")
+    if text is None:
+        return None
+    try:
+        budgets = [parse_size(part) for part in str(text).split(",")]
+    except ValueError as e:
+        raise PluginError(f"pipeline.budgets: {e}") from None
+    if len(budgets) != stages:
+        raise PluginError(f"pipeline: {len(budgets)} budgets ({text}) for {stages} stages; give one per stage")
+    if min(budgets) <= 0:
+        raise PluginError(f"pipeline: every stage needs a budget above zero, got {text}")
+    return budgets
+
+
+def print_split(of_layer: list[int], held: list[int], budgets: list[int] | None) -> None:
+    spans = [[i for i, s in enumerate(of_layer) if s == k] for k in range(len(held))]
+    parts = []
+    for k, a in enumerate(spans):
+        ends = (" + embedding" if k == 0 else "") + (" + head" if k == len(held) - 1 else "")
+        limit = f" of {format_size(budgets[k])}" if budgets else ""
+        parts.append(f"stage {k}: layers {a[0]}-{a[-1]}{ends}, {format_size(held[k])}{limit}")
+    print("pipeline: " + "; ".join(parts), file=sys.stderr)
 
 
 @hookimpl

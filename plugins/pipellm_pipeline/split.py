@@ -2,25 +2,48 @@
 
 from __future__ import annotations
 
+from pipellm_core.model.weights import packed_bytes
 from pipellm_core.runtime.step import Schedule, StepBatch
 
 
-def split_layers(layer_bytes: list[int], n_stages: int) -> list[int]:
-    """The stage of each layer: contiguous runs of layers, each run's bytes as close to an equal
-    share as whole layers allow (the first and last stages also hold the embedding and head,
-    which the caller may add to `layer_bytes` of those ends)."""
+def split_layers(layer_bytes: list[int], n_stages: int, shares: list[float] | None = None,
+                 first_bytes: int = 0, last_bytes: int = 0) -> list[int]:
+    """The stage of each layer: contiguous runs of layers, each stage's bytes as close to its
+    share of the whole (`shares`, default equal) as whole layers allow. The first stage also
+    holds `first_bytes` (the embedding) and the last `last_bytes` (the head), which count."""
     n = len(layer_bytes)
     n_stages = max(1, min(n_stages, n))
-    total = sum(layer_bytes)
-    stages, acc, stage = [], 0, 0
+    shares = shares or [1.0] * n_stages
+    total = sum(layer_bytes) + first_bytes + last_bytes
+    bounds = [total * sum(shares[:k + 1]) / sum(shares) for k in range(n_stages)]
+    stages, acc, stage = [], first_bytes, 0
     for i, b in enumerate(layer_bytes):
         # move on to the next stage once this one has its share, leaving a layer for every later stage
-        if stage < n_stages - 1 and acc + b / 2 > total * (stage + 1) / n_stages and i > 0 and stages[-1] == stage:
+        if stage < n_stages - 1 and acc + b / 2 > bounds[stage] and i > 0 and stages[-1] == stage:
             stage += 1
         stage = max(stage, n_stages - (n - i))  # leave at least one layer for every later stage
         stages.append(stage)
         acc += b
     return stages
+
+
+def stage_bytes(of_layer: list[int], layer_bytes: list[int], first_bytes: int, last_bytes: int) -> list[int]:
+    """Bytes each stage holds: its layers, the embedding on the first, the head on the last."""
+    out = [0] * (max(of_layer) + 1)
+    for s, b in zip(of_layer, layer_bytes):
+        out[s] += b
+    out[0] += first_bytes
+    out[-1] += last_bytes
+    return out
+
+
+def end_bytes(tensors: dict) -> tuple[int, int]:
+    """(bytes of the embedding, bytes of the head: output matrix, or the tied embedding, and
+    its norm) from the tensor table."""
+    first = packed_bytes(tensors["token_embd.weight"])
+    head = tensors.get("output.weight", tensors["token_embd.weight"])
+    last = packed_bytes(head) + (packed_bytes(tensors["output_norm.weight"]) if "output_norm.weight" in tensors else 0)
+    return first, last
 
 
 def micro_batch_rows(batch: int, n_micro: int) -> list[tuple[int, int]]:

@@ -16,7 +16,7 @@ from pipellm_core.runtime.request import Request
 from pipellm_core.runtime.sampling import SamplingParams
 from pipellm_core.runtime.step import StepBatch
 from pipellm_core.gguf.synthetic import Shape, write_random_gguf
-from pipellm_pipeline.split import micro_batch_rows, pipeline_schedule, split_layers
+from pipellm_pipeline.split import end_bytes, micro_batch_rows, pipeline_schedule, split_layers, stage_bytes
 
 SIX_LAYERS = Shape("llama", 6, 64, 128, 4, 2, 2048)
 
@@ -45,6 +45,13 @@ def test_layers_split_into_contiguous_stages_of_equal_bytes():
     # uneven layers: every stage still gets at least one, in order
     assert split_layers([1, 1, 1, 100], 3) == [0, 0, 1, 2]
     assert split_layers([34, 58, 43, 95], 4) == [0, 1, 2, 3]
+    # the embedding and head count in the first and last stages' shares
+    assert split_layers([1] * 6, 2, first_bytes=2) == [0, 0, 1, 1, 1, 1]
+    assert split_layers([1] * 6, 2, last_bytes=2) == [0, 0, 0, 0, 1, 1]
+    # shares: budgets of 2:1 put two thirds of the bytes on stage 0
+    assert split_layers([1] * 6, 2, shares=[2, 1]) == [0, 0, 0, 0, 1, 1]
+    assert split_layers([1] * 6, 3, shares=[1, 1, 4]) == [0, 1, 2, 2, 2, 2]
+    assert stage_bytes([0, 0, 1], [3, 4, 5], 10, 20) == [17, 25]
     assert micro_batch_rows(32, 2) == [(0, 16), (16, 32)]
     assert micro_batch_rows(3, 2) == [(0, 2), (2, 3)] and micro_batch_rows(1, 4) == [(0, 1)]
 
@@ -106,6 +113,31 @@ def test_bad_stage_counts(model):
         engine = Engine(model, plugins=["pipeline"], progress=False)
     assert any("pipeline" in str(w.message) for w in caught)
     assert len(engine.plan.stages) == 1
+
+
+def test_budgets_shape_the_split_and_the_partition_is_printed(model, capsys):
+    from pipellm_core.gguf.model_file import ModelFile
+    from pipellm_core.model.weights import packed_layer_bytes
+    tensors = ModelFile(model).tensors
+    layer = packed_layer_bytes(tensors, 0)
+    first, last = end_bytes(tensors)
+    assert last > first > layer  # the tied head is the embedding matrix again, plus its norm
+    # stage 1's budget holds the head and one layer, and no more
+    budgets = f"{first + 5 * layer},{last + layer}"
+    engine = Engine(model, sim="h100", sim_devices=2, plugins=["pipeline"], progress=True,
+                    plugin_options={"pipeline.budgets": budgets})
+    assert [p.stage for p in engine.plan.layers] == [0, 0, 0, 0, 0, 1]
+    err = capsys.readouterr().err
+    assert "stage 0: layers 0-4 + embedding" in err and "stage 1: layers 5-5 + head" in err
+    with pytest.raises(PluginError, match="stage 1 holds .* over its budget"):
+        Engine(model, sim="h100", sim_devices=2, plugins=["pipeline"], progress=False,
+               plugin_options={"pipeline.budgets": f"{first + 6 * layer},{last // 2}"})
+    with pytest.raises(PluginError, match="3 budgets .* for 2 stages"):
+        Engine(model, sim="h100", sim_devices=2, plugins=["pipeline"], progress=False,
+               plugin_options={"pipeline.budgets": "1GiB,1GiB,1GiB"})
+    with pytest.raises(PluginError, match="pipeline.budgets: cannot read"):
+        Engine(model, sim="h100", sim_devices=2, plugins=["pipeline"], progress=False,
+               plugin_options={"pipeline.budgets": "1GiB,lots"})
 
 
 def generate_joining(path, **engine_kw):

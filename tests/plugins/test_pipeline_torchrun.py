@@ -61,7 +61,7 @@ def test_two_processes_give_the_text_of_one(model, capsys):
     assert two.returncode == 0, two.stderr
     assert len(one.strip()) > 0
     assert two.stdout == one  # rank 0's text once, nothing from rank 1
-    assert "pipeline: stage 0: layers 0-1, stage 1: layers 2-3" in two.stderr
+    assert "pipeline: stage 0: layers 0-1 + embedding, " in two.stderr and "; stage 1: layers 2-3 + head, " in two.stderr
     assert "decode: 15 tokens" in two.stderr
 
 
