@@ -116,3 +116,15 @@ def test_help_explains_flags():
                  "--min-p", "--seed", "--chat", "--prompts", "--backend", "--device", "--plugins",
                  "--graphs-capture", "--batch-buckets", "--ctx-buckets", "--sim-profile", "--trace"):
         assert flag in r.stdout
+
+
+def test_vram_budget_list_sets_the_pipeline_budgets():
+    # one budget per stage: the split is printed with them; a list without the pipeline is refused
+    r = pipellm("run", "--backend", "sim", "--sim-devices", "2", "--plugins", "pipeline",
+                "--vram-budget", "120MiB,40MiB", "-p", "Hello", "-n", "2", "--temp", "0")
+    assert r.returncode == 0, r.stderr
+    assert "of 120.0 MiB; stage 1:" in r.stderr and "of 40.0 MiB" in r.stderr
+    assert_clean_error(pipellm("run", "--vram-budget", "1GiB,1GiB", "-p", "Hi", "-n", "1"),
+                       "--vram-budget is a setting of the pipeline plugin")
+    assert_clean_error(pipellm("run", "--backend", "sim", "--sim-devices", "2", "--plugins", "pipeline",
+                               "--vram-budget", "1GiB,1MiB", "-p", "Hi", "-n", "1"), "over its budget")
