@@ -27,18 +27,18 @@ def test_stage_layers_are_contiguous_and_cover_the_model():
 
 def test_two_groups_on_two_gpus_where_the_step_grows_with_the_batch():
     vs_one, vs_split, groups = speedups(2, 128)
-    assert vs_one >= 1.6 and vs_split >= 1.6  # measured 1.64 at commit time
+    assert vs_one >= 1.6 and vs_split >= 1.6  # 1.78 at commit c83dcc3
     assert min(groups.stage_busy) >= 0.95
 
 
 def test_two_groups_gain_little_where_weights_dominate():
     vs_one, _vs_split, _ = speedups(2, 32)
-    # only the per-sequence work (KV cache reads, activations) splits over the GPUs; measured 1.19
+    # only the per-sequence work (KV cache reads, activations) splits over the GPUs; 1.28 at c83dcc3
     assert 1.0 < vs_one < 1.3
 
 
 @pytest.mark.parametrize("per_group, least", [(256, 3.3)])
 def test_four_groups_on_four_gpus(per_group, least):
     vs_one, vs_split, groups = speedups(4, per_group)
-    assert vs_one >= least and vs_split >= least  # measured 3.41
+    assert vs_one >= least and vs_split >= least  # 3.71 at c83dcc3
     assert min(groups.stage_busy) >= 0.94
