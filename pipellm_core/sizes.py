@@ -18,9 +18,7 @@ def parse_size(text) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+
 def format_size(nbytes: int) -> str:
-    """'1.50 GiB', '12.0 MiB' or '512 B': a size for people, in binary units."""
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.2f} {unit}" if unit == "GiB" else f"{nbytes / scale:.1f} {unit}"
-    return f"{nbytes} B"
+    """'1.50 GiB' from a GiB up, else '12.0 MiB': a size for people, in binary units."""
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"

@@ -11,10 +11,6 @@ MiB = 2**20
 DEFAULT_WORKSPACE = 256 * MiB  # activations, attention scores, CUDA graph pools, library workspaces
 
 
-def human(nbytes: int) -> str:
-    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / MiB:.1f} MiB"
-
-
 def parse_size(text) -> int:
     """Bytes from '6GiB', '6.5GB', '800MiB' or a plain number of bytes."""
     try:
@@ -50,8 +46,8 @@ class StreamPlan:
             return f"prefetch: all {n} layers fit on the GPU; nothing streams"
         host = sum(self.layer_bytes[i] for i in self.streamed)
         return (f"prefetch: {n - len(self.streamed)} of {n} layers resident, {len(self.streamed)} stream "
-                f"from pinned host memory ({human(host)}) through {min(self.slots, len(self.streamed))} slots of "
-                f"{human(self.slot_bytes)}; {human(self.gpu_bytes)} on the GPU")
+                f"from pinned host memory ({sizes.format_size(host)}) through {min(self.slots, len(self.streamed))} slots of "
+                f"{sizes.format_size(self.slot_bytes)}; {sizes.format_size(self.gpu_bytes)} on the GPU")
 
 
 def spread(n_layers: int, n_streamed: int) -> list[int]:
@@ -80,7 +76,7 @@ def plan_streaming(layer_bytes: list[int], fixed_bytes: int, *, budget: int | No
         if plan.gpu_bytes <= budget:
             return plan
     need = fixed_bytes + slots * largest
-    raise PluginError(f"prefetch: a VRAM budget of {human(budget)} is too small for this model: "
-                      f"embedding, head, KV cache and workspace take {human(fixed_bytes)} and "
-                      f"{slots} staging slots {human(slots * largest)}, {human(need)} in all "
+    raise PluginError(f"prefetch: a VRAM budget of {sizes.format_size(budget)} is too small for this model: "
+                      f"embedding, head, KV cache and workspace take {sizes.format_size(fixed_bytes)} and "
+                      f"{slots} staging slots {sizes.format_size(slots * largest)}, {sizes.format_size(need)} in all "
                       f"before any layer (a smaller -c or batch shrinks the KV cache)")

@@ -69,8 +69,7 @@ def matmul(x, w: torch.Tensor, qtype, n: int, k: int, swiglu: bool = False) -> t
     of the [n, k] matrix `w` (kernel layout): [..., n] in fp16; with `swiglu`, w's first n/2 rows
     are the gate and the rest the up projection, and the result is silu(gate) * up, [..., n/2]."""
     if not isinstance(x, torch.Tensor):
-        with quant_matmul.on_device_of(x.q):
-            return _module(qtype).matmul(x, w, qtype, n, k, swiglu=swiglu)
+        return _module(qtype).matmul(x, w, qtype, n, k, swiglu=swiglu)
     shape = x.shape
     x2 = x.reshape(-1, k)
     if not x2.is_contiguous():

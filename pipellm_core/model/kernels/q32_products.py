@@ -32,7 +32,6 @@ Why written here: no maintained library multiplies by GGUF blocks in PyTorch on 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -332,10 +331,6 @@ def _tiles(kernel: str, m: int, n_rows: int, blocks: int, swiglu: bool, device: 
     return gemv_tiles(m, n_rows, blocks) if kernel == "gemv" else tiled_tiles(m, n_rows)
 
 
-def _on_device_of(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def matmul(x, w: torch.Tensor, qtype, n: int, k: int, *, swiglu: bool = False,
            kernel: str | None = None) -> torch.Tensor:
     """x (fp16 [M, k], or its 8-bit blocks as `Q8Activations`) times the transpose of the
@@ -364,7 +359,7 @@ def matmul(x, w: torch.Tensor, qtype, n: int, k: int, *, swiglu: bool = False,
     has_min = qtype == GGMLType.Q4_1
     kernel = kernel or ("gemv" if m <= GEMV_MAX_ROWS else "tiled")
     flags = dict(NB=nb, FOUR_BIT=four_bit, HAS_MIN=has_min, ALIGNED=aligned, SWIGLU=swiglu)
-    with _on_device_of(x.q):
+    with quant_matmul.on_device_of(x.q):
         if kernel == "gemv":
             block_n, block_b, splits, num_warps = _tiles("gemv", m, rows, nb, swiglu, x.q.device)
             blocks_per_split = -(-nb // (splits * block_b)) * block_b
