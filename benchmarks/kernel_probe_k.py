@@ -6,7 +6,8 @@ on a CUDA GPU, at Llama-8B shapes, against the device's copy bandwidth measured 
 For each type, (n, k) and M: the median time of one product (triton.testing.do_bench; each call
 takes the next of several copies of the weights, so the L2 cache does not serve them), the bytes
 moved (weights + x + output) over that time in GB/s and as a fraction of the copy bandwidth, the
-tile plan, and the relative L2 error against a float32 product by the decoded weights.
+tile plan, and the relative L2 error against a float32 product by the decoded weights and the
+activations rounded to 8 bits per block of 32 (what the kernels multiply).
 """
 
 import argparse
@@ -18,6 +19,7 @@ import triton
 import triton.testing
 from gguf import GGMLQuantizationType as GGMLType
 
+from pipellm_core.model.activation_rounding import _q8_blocks
 from pipellm_core.model.kernels import k_products
 
 SHAPES = [(4096, 4096, False), (1024, 4096, False), (28672, 4096, True), (4096, 14336, False),
@@ -48,11 +50,20 @@ def random_weights(qtype, n: int, k: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def reference(x: torch.Tensor, w_decoded: torch.Tensor, swiglu: bool) -> torch.Tensor:
-    y = x.float() @ w_decoded.t()
+    y = _q8_blocks(x.float(), 32) @ w_decoded.t()
     if swiglu:
         h = y.shape[1] // 2
         return torch.nn.functional.silu(y[:, :h]) * y[:, h:]
     return y
+
+
+def plan_of(m: int, n_out: int, k: int, qtype) -> dict:
+    """The tiles `k_products.matmul` picks for this shape."""
+    if m > k_products.GEMV_MAX_ROWS:
+        return dict(zip(("kernel", "block_m", "block_n", "num_warps"), ("tiled", *k_products.tiled_tiles(m))))
+    group_words = 4 if qtype == GGMLType.Q6_K else 8
+    tiles = k_products.gemv_tiles(m, n_out, 32 * (k // 256) // group_words, group_words)
+    return dict(zip(("kernel", "block_n", "block_g", "splits", "num_warps"), ("gemv", *tiles)))
 
 
 def main():
@@ -85,14 +96,14 @@ def main():
                                              return_mode="median")
                 moved = w.numel() + x.numel() * 2 + m * n_out * 2
                 gbs = moved / (ms * 1e-3) / 1e9
-                plan = k_products.tiles(m, n_out, k, qtype, swiglu)
+                plan = plan_of(m, n_out, k, qtype)
                 row = dict(type=name, n=n, k=k, swiglu=swiglu, m=m, us=ms * 1e3, gb_s=gbs,
                            of_copy=gbs / copy_gbs, rel_err=err, weight_bytes=w.numel(), copies=len(copies),
-                           tiles=plan.__dict__)
+                           tiles=plan)
                 rows.append(row)
                 print(f"{name} n={n:6d} k={k:6d}{' swiglu' if swiglu else '       '} M={m:3d}  "
                       f"{ms * 1e3:9.1f} us  {gbs:7.0f} GB/s  {gbs / copy_gbs:6.1%} of copy  err {err:.1e}  "
-                      f"dot={plan.dot} bm={plan.block_m} bn={plan.block_n} slices={plan.slices}", flush=True)
+                      f"{plan}", flush=True)
             del copies, w, w_decoded
             torch.cuda.empty_cache()
     with open(args.json, "w") as f:

@@ -58,8 +58,8 @@ def layer(model, i: int, h: torch.Tensor, positions: torch.Tensor, slots: torch.
     B = h.shape[0]
     hidden = h.reshape(B, c.n_embd).clone()
     kind = h.device.type
-    q8 = rounds_to_q8(w.wqkv.qtype, kind)
     acts = _q8_out(w.wqkv, B, c.n_embd, h.device)
+    q8 = acts is not None or rounds_to_q8(w.wqkv.qtype, kind)
     x = norm.add_rms_norm(hidden, None, w.attn_norm, c.rms_eps, q8, q8_out=acts)
     qkv = linear(x, w.wqkv, w.bqkv, rounded=q8, q8=acts)
     cos, sin = model._rope[str(h.device)]
@@ -69,8 +69,8 @@ def layer(model, i: int, h: torch.Tensor, positions: torch.Tensor, slots: torch.
                                c.head_dim, c.rope_dim, c.rope_style)
     attn = attention_kernel.decode_attention(q, kc, vc, slots, pos + 1, ctx_len, 1.0 / math.sqrt(c.head_dim))
     out = linear(attn.reshape(B, -1), w.wo)
-    q8 = rounds_to_q8(w.w_gate_up.qtype, kind)
     acts = _q8_out(w.w_gate_up, B, c.n_embd, h.device)
+    q8 = acts is not None or rounds_to_q8(w.w_gate_up.qtype, kind)
     x = norm.add_rms_norm(hidden, out, w.ffn_norm, c.rms_eps, q8, q8_out=acts)
     act = linear(x, w.w_gate_up, rounded=q8, swiglu=True, q8=acts)
     hidden += linear(act, w.w_down)
@@ -96,7 +96,8 @@ def attention_in_place(config, q, k_cache, v_cache, slots, positions, ctx_len: i
 
 
 def _q8_out(w, rows: int, cols: int, device):
-    """Room for the norm kernel to write its 8-bit quants into, where w's kernel reads them."""
+    """Room for the norm kernel to write its 8-bit quants into, where w's kernel reads them
+    (then the rounding is the kernel's, 8 bits per block of 32, on any device)."""
     reads = w.layout == products.KERNEL_LAYOUT and products.reads_q8(w.qtype)
     return Q8Activations.empty(rows, cols, device) if reads else None
 
@@ -107,8 +108,8 @@ def head(model, h: torch.Tensor) -> torch.Tensor:
     out = model.weights.output
     shape = h.shape
     h2 = h.reshape(-1, shape[-1]).contiguous()
-    q8 = rounds_to_q8(out.qtype, h.device.type)
     acts = _q8_out(out, h2.shape[0], h2.shape[1], h.device)
+    q8 = acts is not None or rounds_to_q8(out.qtype, h.device.type)
     x = norm.add_rms_norm(h2, None, model.weights.output_norm, model.config.rms_eps, q8, q8_out=acts)
     return linear(x, out, rounded=q8, q8=acts).float().reshape(*shape[:-1], -1)
 

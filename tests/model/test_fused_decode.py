@@ -5,7 +5,10 @@ Triton's interpreter on the CPU, and on CUDA where there is a GPU.
 Teacher-forced steps. Bound: the same top token wherever the torch path's top two are not a
 near-tie (1% of the logits' spread), and logits within 2e-2 relative L2 of the torch path's
 (the kernels round the attention output and SiLU(gate) * up to fp16 once where the torch path
-rounds each part, and sum in another order)."""
+rounds each part, and sum in another order). K-quants in the interpreter: 3e-2, because there
+the two paths round the activations differently, as llama.cpp does on each device: the kernels
+per block of 32 (llama.cpp's CUDA rounding), the torch path on the CPU per 256 (its CPU
+rounding). On CUDA both round per block of 32."""
 
 import json
 import os
@@ -64,7 +67,7 @@ def run(qtype: str, kernels: bool, tmp_path, device: str = "cpu") -> dict:
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K"])
 def test_fused_decode_matches_the_torch_path(qtype, tmp_path):
-    check(run(qtype, True, tmp_path), run(qtype, False, tmp_path))
+    check(run(qtype, True, tmp_path), run(qtype, False, tmp_path), 3e-2 if qtype.endswith("_K") else 2e-2)
 
 
 @pytest.mark.gpu
@@ -73,7 +76,7 @@ def test_fused_decode_matches_the_torch_path_on_cuda(qtype, tmp_path):
     check(run(qtype, True, tmp_path, "cuda"), run(qtype, False, tmp_path, "cuda"))
 
 
-def check(fused: dict, ref: dict) -> None:
+def check(fused: dict, ref: dict, bound: float = 2e-2) -> None:
     import torch
     assert fused["fused"] and not ref["fused"]
     for got, want in zip(fused["steps"], ref["steps"]):
@@ -83,4 +86,4 @@ def check(fused: dict, ref: dict) -> None:
         clear = (top2[:, 0] - top2[:, 1]) > 1e-2 * want.std()  # not a near-tie
         assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
         err = ((got - want).norm() / want.norm()).item()
-        assert err < 2e-2, err
+        assert err < bound, err

@@ -1,33 +1,38 @@
 """Matrix products by GGUF K-quant weights (Q4_K, Q5_K, Q6_K: the tensors of Q4_K_M and Q5_K_M
-files), from a per-row re-layout of the blocks made once at load.
+files), in integers on 8-bit activations, as llama.cpp's CUDA kernels compute them.
 
-In a file, a 256-value super-block keeps its scales, its quants and its high bits side by side,
-in an order made for ggml's CPU loops. Here each row is rearranged so that a kernel reads wide
-words: all the row's quants first (int32 words of eight 4-bit values), then the high bits, then
-the packed scale bytes, then d (and dmin) as fp16 arrays of their own. Only the order of bits
-changes; the row keeps its size, and `from_kernel_layout` gives the file's bytes back exactly.
+In a file, a 256-value super-block keeps its scales, its quants and its high bits side by side.
+At load each row is regrouped, within the same bytes, into regions: the quant bytes of all the
+row's super-blocks first (so that they make aligned int32 words), then the high bits, the packed
+scales, and d (and dmin) as fp16 arrays of their own. Only the order of the fields changes;
+`from_kernel_layout` gives the file's bytes back exactly.
 
 Kernel layout of one row with `nb` super-blocks (byte offsets):
 
-    Q4_K  quants 0 | scales 128nb (12 per super-block, as in the file) | d 140nb | dmin 142nb
-    Q5_K  quants 0 | high bits 128nb | scales 160nb | d 172nb | dmin 174nb
-    Q6_K  quants 0 | high bits 128nb | int8 scales 192nb | d 208nb
+    Q4_K  quants 0 | scales 128nb (12 per super-block) | d 140nb | dmin 142nb
+    Q5_K  quants 0 | high bits 128nb (32 per super-block) | scales 160nb | d 172nb | dmin 174nb
+    Q6_K  low 4 bits 0 | top 2 bits 128nb (64 per super-block) | int8 scales 192nb | d 208nb
 
-The quants come in units of G words (G = 32 for Q4_K and Q5_K, one super-block per unit and one
-scale per 32 values; G = 16 for Q6_K, half a super-block per unit and one scale per 16 values).
-Nibble s (bits 4s..4s+3) of word j of unit u holds the low 4 bits of value 8*G*u + G*s + j of
-the row. So for each s, the G words of a unit give G consecutive values, which all share one
-scale: a kernel loads a unit's words once and takes them apart with shifts, eight times.
-High bits: Q5_K keeps the file's 32 qh bytes per super-block, whose byte j bit s is the fifth
-bit of value 32s + j (the same value as word j, nibble s). Q6_K stores one uint16 per word,
-whose bits 2s..2s+1 are the top two bits of the value in nibble s.
+The quant bytes keep the file's order, which already suits byte-wise dot products. Word
+8c + i of a Q4_K or Q5_K super-block holds values 64c + 4i .. 64c + 4i + 3 (sub-block 2c) in
+its low nibbles and the same positions of sub-block 2c + 1 in its high nibbles. Masked apart,
+each half is four bytes that meet one int32 word of the 8-bit activations in one dp4a
+instruction. Q5_K's fifth bits and Q6_K's top two bits are moved into place with shifts and
+masks of whole words; Q6_K's offset of 32 comes off through a second dp4a with ones.
 
-`matmul` runs one Triton kernel: a grid of (rows of the output, tiles of the input rows, slices
-of K). For a decode step (few input rows) it reads each weight once for all rows of the step;
-where the output is narrow for the chip, K is split into slices whose float32 partial sums a
-second small kernel adds in a fixed order (deterministic: no atomics). Products accumulate in
-float32, either on CUDA cores (one or two rows) or through `tl.dot` on fp16 weight tiles
-decoded in registers.
+Each block of 32 values then contributes
+    d_x * (d * sc * sum(q_w * q_x) - dmin * mn * sum(q_x))
+(Q6_K: d_x * d * sc * sum((q_w - 32) * q_x), with a scale per 16 values), the integer sums exact
+and the scaling float32. The activations are `activation_q8.Q8Activations`, rounded per block
+of 32 as llama.cpp rounds them for its CUDA products.
+
+Kernels:
+  - up to GEMV_MAX_ROWS rows of x (a decode step): a matrix-vector kernel that reads each weight
+    word once for all rows of the step, split over K where the matrix has few rows for its
+    length (float32 partials added in a fixed order by a second kernel: no atomics);
+  - more rows (larger batches, prefill): a tiled kernel that unpacks one block of 32 values of
+    each weight row at a time into an int8 tile in K order and multiplies it with `tl.dot`.
+With swiglu, both take the gate and up halves of one matrix and return silu(gate) * up.
 
 Why written here: no maintained library multiplies by GGUF K-quant blocks in PyTorch on NVIDIA
 GPUs. Triton's interpreter runs the same kernels on the CPU in the tests.
@@ -35,103 +40,34 @@ GPUs. Triton's interpreter runs the same kernels on the CPU in the tests.
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
-
 import torch
 from gguf import GGMLQuantizationType as GGMLType
 
-from pipellm_core.gguf.dequant import QK_K, _k4_scales_mins
+from pipellm_core.gguf.dequant import QK_K
+from pipellm_core.gguf.dequant import dequantize as dequantize_file_blocks
+from pipellm_core.model.kernels import activation_q8, quant_matmul
 
 try:
     import triton
     import triton.language as tl
 
     from pipellm_core.model.kernels.epilogues import silu_times, sum_splits
-except ImportError:  # pragma: no cover - only the torch functions are usable
+    from pipellm_core.model.kernels.q32_products import _load_words, dot4
+except ImportError:  # pragma: no cover - only the layout and `dequantize` serve then
     triton = None
 
 TYPES = frozenset({GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K})
 
 BLOCK_BYTES = {GGMLType.Q4_K: 144, GGMLType.Q5_K: 176, GGMLType.Q6_K: 210}
-UNIT_WORDS = {GGMLType.Q4_K: 32, GGMLType.Q5_K: 32, GGMLType.Q6_K: 16}
+# each type's fields as (offset, bytes) in a file's super-block, in the kernel layout's order
+_FIELDS = {
+    GGMLType.Q4_K: ((16, 128), (4, 12), (0, 2), (2, 2)),
+    GGMLType.Q5_K: ((48, 128), (16, 32), (4, 12), (0, 2), (2, 2)),
+    GGMLType.Q6_K: ((0, 128), (128, 64), (192, 16), (208, 2)),
+}
 _KERNEL_TYPE_ID = {GGMLType.Q4_K: 0, GGMLType.Q5_K: 1, GGMLType.Q6_K: 2}
-
-
-# ---- values of a super-block, in row order, from the file's blocks and back -----------------
-
-def _nibbles(b: torch.Tensor) -> torch.Tensor:
-    """Bytes [..., n] -> nibbles [..., 2n]: low nibble of byte t at 2t, high nibble at 2t + 1."""
-    return torch.stack([b & 0x0F, b >> 4], dim=-1).flatten(-2)
-
-
-def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
-    return q[..., 0::2] | (q[..., 1::2] << 4)
-
-
-def _k4_low_bits(qs: torch.Tensor) -> torch.Tensor:
-    """The file's 128 qs bytes [.., nb, 128] -> low 4 bits of the 256 values [.., nb, 256]:
-    byte 32c + l holds value 64c + l (low nibble) and value 64c + 32 + l (high nibble)."""
-    qs = qs.reshape(*qs.shape[:-1], 4, 1, 32)
-    return torch.cat([qs & 0x0F, qs >> 4], dim=-2).flatten(-3)
-
-
-def _k4_file_qs(low: torch.Tensor) -> torch.Tensor:
-    v = low.reshape(*low.shape[:-1], 4, 2, 32)
-    return (v[..., 0, :] | (v[..., 1, :] << 4)).flatten(-2)
-
-
-def _q6_low_high(ql: torch.Tensor, qh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The file's ql [.., nb, 128] and qh [.., nb, 64] -> low 4 and top 2 bits of the 256 values.
-    Value 128h + 32q + l: low bits in ql[64h + 32(q & 1) + l] (high nibble when q >= 2), top bits
-    in qh[32h + l] >> 2q."""
-    lead = ql.shape[:-1]
-    ql = ql.reshape(*lead, 2, 1, 2, 32)
-    low = torch.cat([ql & 0x0F, ql >> 4], dim=-3).reshape(*lead, QK_K)
-    qh = qh.reshape(*lead, 2, 1, 32)
-    high = torch.cat([(qh >> (2 * q)) & 3 for q in range(4)], dim=-2).reshape(*lead, QK_K)
-    return low, high
-
-
-def _q6_file_bits(low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    lead = low.shape[:-1]
-    v = low.reshape(*lead, 2, 2, 2, 32)  # half, nibble, part, l
-    ql = (v[..., 0, :, :] | (v[..., 1, :, :] << 4)).reshape(*lead, 128)
-    h = high.reshape(*lead, 2, 4, 32)
-    qh = (h[..., 0, :] | (h[..., 1, :] << 2) | (h[..., 2, :] << 4) | (h[..., 3, :] << 6)).reshape(*lead, 64)
-    return ql, qh
-
-
-# ---- the kernel layout of the quants and high bits --------------------------------------------
-
-def _to_words(values: torch.Tensor, g: int) -> torch.Tensor:
-    """Low 4 bits of [.., nb, 256] values -> the kernel's quant bytes [.., nb, 128]: unit u, word
-    j, nibble s <- value 8*g*u + g*s + j."""
-    lead = values.shape[:-1]
-    v = values.reshape(*lead, QK_K // (8 * g), 8, g).transpose(-1, -2)  # [.., unit, j, s]
-    return _pack_nibbles(v).reshape(*lead, 128)
-
-
-def _from_words(b: torch.Tensor, g: int) -> torch.Tensor:
-    lead = b.shape[:-1]
-    v = _nibbles(b).reshape(*lead, QK_K // (8 * g), g, 8).transpose(-1, -2)
-    return v.reshape(*lead, QK_K)
-
-
-def _q6_high_to_kernel(high: torch.Tensor) -> torch.Tensor:
-    """Top 2 bits [.., nb, 256] -> one uint16 per quant word (bits 2s.. of word j of unit h hold
-    value 128h + 16s + j), as bytes [.., nb, 64]."""
-    lead = high.shape[:-1]
-    v = high.reshape(*lead, 2, 8, 16).transpose(-1, -2).reshape(*lead, 2, 16, 2, 4)
-    b = v[..., 0] | (v[..., 1] << 2) | (v[..., 2] << 4) | (v[..., 3] << 6)
-    return b.reshape(*lead, 64)
-
-
-def _q6_high_from_kernel(b: torch.Tensor) -> torch.Tensor:
-    lead = b.shape[:-1]
-    b = b.reshape(*lead, 2, 16, 2, 1)
-    v = torch.cat([(b >> (2 * i)) & 3 for i in range(4)], dim=-1)  # [.., h, j, byte, 4]
-    return v.reshape(*lead, 2, 16, 8).transpose(-1, -2).reshape(*lead, QK_K)
+GEMV_MAX_ROWS = 8
+SMS = 132  # multiprocessors of the target GPU; sizes the split over K
 
 
 def _blocks(raw: torch.Tensor, qtype) -> tuple[torch.Tensor, int]:
@@ -144,252 +80,325 @@ def _blocks(raw: torch.Tensor, qtype) -> tuple[torch.Tensor, int]:
     return raw.reshape(raw.shape[0], nb, size), nb
 
 
-def _regions(kl: torch.Tensor, nb: int, sizes: tuple[int, ...]) -> list[torch.Tensor]:
-    """Consecutive per-row regions of `sizes` bytes per super-block, each as [rows, nb, size]."""
-    out, start = [], 0
-    for size in sizes:
-        out.append(kl[:, start * nb:(start + size) * nb].reshape(kl.shape[0], nb, size))
-        start += size
-    return out
-
-
 def to_kernel_layout(raw: torch.Tensor, qtype) -> torch.Tensor:
     """GGUF rows (uint8 [N, row bytes], super-blocks in file order) -> the kernel layout (uint8,
-    same shape, same device): the same bits, rearranged per row as the module docstring says."""
-    b, nb = _blocks(raw, qtype)
+    same shape, same device): each field of every super-block gathered into a region."""
+    b, _ = _blocks(raw, qtype)
     n = raw.shape[0]
-    if qtype == GGMLType.Q6_K:
-        low, high = _q6_low_high(b[..., 0:128], b[..., 128:192])
-        parts = [_to_words(low, 16), _q6_high_to_kernel(high), b[..., 192:208], b[..., 208:210]]
-    else:
-        qs = b[..., 16:144] if qtype == GGMLType.Q4_K else b[..., 48:176]
-        parts = [_to_words(_k4_low_bits(qs), 32)]
-        if qtype == GGMLType.Q5_K:
-            parts.append(b[..., 16:48])
-        parts += [b[..., 4:16], b[..., 0:2], b[..., 2:4]]
-    return torch.cat([p.reshape(n, -1) for p in parts], dim=1)
+    return torch.cat([b[:, :, start:start + size].reshape(n, -1) for start, size in _FIELDS[qtype]], dim=1)
 
 
 def from_kernel_layout(kl: torch.Tensor, qtype) -> torch.Tensor:
     """The inverse of `to_kernel_layout`: the file's bytes, bit for bit."""
     _, nb = _blocks(kl, qtype)
     n = kl.shape[0]
-    if qtype == GGMLType.Q6_K:
-        words, high, scales, d = _regions(kl, nb, (128, 64, 16, 2))
-        ql, qh = _q6_file_bits(_from_words(words, 16), _q6_high_from_kernel(high))
-        blocks = [ql, qh, scales, d]
-    else:
-        sizes = (128, 12, 2, 2) if qtype == GGMLType.Q4_K else (128, 32, 12, 2, 2)
-        words, *rest = _regions(kl, nb, sizes)
-        *qh, scales, d, dmin = rest
-        blocks = [d, dmin, scales, *qh, _k4_file_qs(_from_words(words, 32))]
-    return torch.cat(blocks, dim=2).reshape(n, -1)
+    out = torch.empty(n, nb, BLOCK_BYTES[qtype], dtype=torch.uint8, device=kl.device)
+    region = 0
+    for start, size in _FIELDS[qtype]:
+        out[:, :, start:start + size] = kl[:, region:region + size * nb].reshape(n, nb, size)
+        region += size * nb
+    return out.reshape(n, -1)
 
 
 def dequantize(kl: torch.Tensor, qtype, k: int, dtype) -> torch.Tensor:
-    """[N, k] weights decoded from the kernel layout in torch (a reference path, and the way to
-    expand a matrix where no kernel runs); equal bit for bit to decoding the file's blocks."""
+    """[N, k] weights decoded from the kernel layout (torch ops; the reference path), equal bit
+    for bit to decoding the file's blocks."""
     _, nb = _blocks(kl, qtype)
     if nb * QK_K != k:
         raise ValueError(f"{nb} super-blocks per row do not make k={k}")
-    n = kl.shape[0]
-
-    def f16(region):
-        return region.contiguous().view(torch.float16).float()  # [n, nb, 1]
-
-    if qtype == GGMLType.Q6_K:
-        words, high, scales, d = _regions(kl, nb, (128, 64, 16, 2))
-        q = (_from_words(words, 16) | (_q6_high_from_kernel(high) << 4)).to(torch.int32) - 32
-        sc = scales.contiguous().view(torch.int8).float()
-        w = f16(d).unsqueeze(-1) * sc.unsqueeze(-1) * q.reshape(n, nb, 16, 16).float()
-    else:
-        if qtype == GGMLType.Q4_K:
-            words, scales, d, dmin = _regions(kl, nb, (128, 12, 2, 2))
-            q = _from_words(words, 32)
-        else:
-            words, qh, scales, d, dmin = _regions(kl, nb, (128, 32, 12, 2, 2))
-            fifth = torch.cat([(qh >> s) & 1 for s in range(8)], dim=-1)  # value 32s + j at 32s + j
-            q = _from_words(words, 32) | (fifth << 4)
-        sc, mn = _k4_scales_mins(scales.reshape(n * nb, 12))
-        sc, mn = sc.reshape(n, nb, 8, 1), mn.reshape(n, nb, 8, 1)
-        q = q.reshape(n, nb, 8, 32).float()
-        w = f16(d).unsqueeze(-1) * sc * q - f16(dmin).unsqueeze(-1) * mn
-    return w.reshape(n, k).to(dtype)
+    return dequantize_file_blocks(from_kernel_layout(kl, qtype), qtype, k, dtype)
 
 
 # ---- kernels ---------------------------------------------------------------------------------
 
 if triton is not None:
     @triton.jit
-    def _unit_products(acc, x_rows, m_ok, j, rows, n_ok, u,
-                       w_u8, w_i8, w_i16, w_f16, w_words,
-                       QT: tl.constexpr, NB: tl.constexpr, RB: tl.constexpr, G: tl.constexpr,
-                       HALVES: tl.constexpr, DOT: tl.constexpr):
-        """Adds the products of unit u of weight rows `rows` to acc [BM, BN]. Weight tiles are
-        [G, BN]: word j of the unit down, rows across."""
-        r = rows.to(tl.int64)[None, :]
-        ok = n_ok[None, :]
-        wj = (u * G + j)[:, None]
-        if HALVES:  # rows not 4-byte aligned (Q6_K with an odd count of super-blocks)
-            lo = tl.load(w_words + r * (RB // 2) + 2 * wj, mask=ok, other=0).to(tl.int32) & 0xFFFF
-            hi = tl.load(w_words + r * (RB // 2) + 2 * wj + 1, mask=ok, other=0).to(tl.int32)
-            words = lo | (hi << 16)
-        else:
-            words = tl.load(w_words + r * (RB // 4) + wj, mask=ok, other=0)
-        rr = rows.to(tl.int64)
-        if QT == 2:
-            high = tl.load(w_i16 + r * (RB // 2) + 64 * NB + 16 * u + j[:, None], mask=ok, other=0).to(tl.int32)
-            d = tl.load(w_f16 + rr * (RB // 2) + 104 * NB + u // 2, mask=n_ok, other=0.0).to(tl.float32)
-        else:
-            if QT == 0:
-                sc_word, d_half = 32 * NB, 70 * NB
-            else:
-                sc_word, d_half = 40 * NB, 86 * NB
-                high = tl.load(w_u8 + r * RB + 128 * NB + 32 * u + j[:, None], mask=ok, other=0).to(tl.int32)
-            # the 12 packed scale bytes of the super-block as three little-endian words
-            s0 = tl.load(w_words + rr * (RB // 4) + sc_word + 3 * u, mask=n_ok, other=0)
-            s1 = tl.load(w_words + rr * (RB // 4) + sc_word + 3 * u + 1, mask=n_ok, other=0)
-            s2 = tl.load(w_words + rr * (RB // 4) + sc_word + 3 * u + 2, mask=n_ok, other=0)
-            d = tl.load(w_f16 + rr * (RB // 2) + d_half + u, mask=n_ok, other=0.0).to(tl.float32)
-            dmin = tl.load(w_f16 + rr * (RB // 2) + d_half + NB + u, mask=n_ok, other=0.0).to(tl.float32)
-        for s in tl.static_range(8):
-            q = (words >> (4 * s)) & 15
+    def _k4_scale_min(w8, base, s, ok):
+        """Six-bit scale and min (int32) of sub-block s, from the 12 packed bytes at byte
+        offsets `base` (ggml's get_scale_min_k4)."""
+        low = s < 4
+        a = tl.load(w8 + base + tl.where(low, s, s + 4), mask=ok, other=0).to(tl.int32)
+        b = tl.load(w8 + base + tl.where(low, s + 4, s - 4), mask=ok, other=0).to(tl.int32)
+        c = tl.load(w8 + base + s, mask=ok, other=0).to(tl.int32)
+        sc = tl.where(low, a & 63, (a & 15) | ((b >> 6) << 4))
+        mn = tl.where(low, b & 63, (a >> 4) | ((c >> 6) << 4))
+        return sc, mn
+
+    @triton.jit
+    def _int8(byte):
+        """A loaded uint8 read as a signed byte, in float32."""
+        return ((byte.to(tl.int32) ^ 128) - 128).to(tl.float32)
+
+    @triton.jit
+    def _gemv_rows(xq32, xd, xs, w8, w32, w16, rows, row_ok, M, row_bytes, g_start, g_end,
+                   QT: tl.constexpr, NB: tl.constexpr, ALIGNED: tl.constexpr, ASM: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+        """[BLOCK_M, BLOCK_N] float32: W rows `rows` times the 8-bit activations over groups
+        [g_start, g_end) of quant words. A group is 8 words (Q4_K, Q5_K: sub-blocks 2c and
+        2c + 1) or 4 words (Q6_K: 16 values of each of two 32-value quarters). Tiles are
+        [x rows, W rows, groups, words of a group]."""
+        GW: tl.constexpr = 4 if QT == 2 else 8
+        rm = tl.arange(0, BLOCK_M)
+        m_ok = rm < M
+        i = tl.arange(0, GW)
+        x_rows = xq32 + rm[:, None, None].to(tl.int64) * (NB * 64)
+        xb_rows = rm[:, None] * (NB * 8)
+        starts = rows.to(tl.int64) * row_bytes
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_G), dtype=tl.float32)
+        for g0 in range(g_start, g_end, BLOCK_G):
+            g = g0 + tl.arange(0, BLOCK_G)
+            g_ok = g < g_end
+            ok = row_ok[:, None] & g_ok[None, :]
+            ok3 = ok[:, :, None]
+            q = _load_words(w8, w32, starts[:, None, None], (g[:, None] * GW + i[None, :])[None, :, :], ok3, ALIGNED)
+            x_ok = m_ok[:, None, None] & g_ok[None, :, None]
+            b_ok = m_ok[:, None] & g_ok[None, :]
+            zero = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_G, GW), dtype=tl.int32)
+            lo = q & 0x0F0F0F0F
+            hi = (q >> 4) & 0x0F0F0F0F
             if QT == 2:
-                sc = tl.load(w_i8 + rr * RB + 192 * NB + 8 * u + s, mask=n_ok, other=0).to(tl.float32)
-                q = q | (((high >> (2 * s)) & 3) << 4)
-                a = d * sc
-                b = 32.0 * a
+                u = g // 8
+                r = g % 8
+                h = r // 4
+                p = (r // 2) % 2
+                t = r % 2
+                high = _load_words(w8, w32, starts[:, None, None],
+                                   (32 * NB + 16 * u + 8 * h + 4 * t)[None, :, None] + i[None, None, :], ok3, ALIGNED)
+                lo = lo | (((high >> (2 * p)[None, :, None]) & 0x03030303) << 4)
+                hi = hi | (((high >> (2 * p + 4)[None, :, None]) & 0x03030303) << 4)
+                x_lo_words = (64 * u + 32 * h + 8 * p + 4 * t)[:, None] + i[None, :]
+                x_hi_words = x_lo_words + 16
+                blk_lo = 8 * u + 4 * h + p
+                blk_hi = blk_lo + 2
             else:
+                u = g // 4
+                c = g % 4
                 if QT == 1:
-                    q = q | (((high >> s) & 1) << 4)
-                if s < 4:
-                    sc = (s0 >> (8 * s)) & 63
-                    mn = (s1 >> (8 * s)) & 63
-                else:
-                    sc = ((s2 >> (8 * (s - 4))) & 15) | (((s0 >> (8 * (s - 4) + 6)) & 3) << 4)
-                    mn = ((s2 >> (8 * (s - 4) + 4)) & 15) | (((s1 >> (8 * (s - 4) + 6)) & 3) << 4)
-                a = d * sc.to(tl.float32)
-                b = dmin * mn.to(tl.float32)
-            w = q.to(tl.float32) * a[None, :] - b[None, :]
-            xs = tl.load(x_rows + (u * 8 * G + s * G + j)[None, :], mask=m_ok[:, None], other=0.0)
-            if DOT:
-                acc += tl.dot(xs, w.to(tl.float16))
+                    high = _load_words(w8, w32, starts[:, None, None], (32 * NB + 8 * u)[None, :, None] + i[None, None, :],
+                                       ok3, ALIGNED)
+                    lo = lo | (((high >> (2 * c)[None, :, None]) & 0x01010101) << 4)
+                    hi = hi | (((high >> (2 * c + 1)[None, :, None]) & 0x01010101) << 4)
+                x_lo_words = (16 * g)[:, None] + i[None, :]
+                x_hi_words = x_lo_words + 8
+                blk_lo = 2 * g
+                blk_hi = blk_lo + 1
+            x_lo = tl.load(x_rows + x_lo_words[None, :, :], mask=x_ok, other=0)[:, None, :, :]
+            x_hi = tl.load(x_rows + x_hi_words[None, :, :], mask=x_ok, other=0)[:, None, :, :]
+            dot_lo = tl.sum(dot4(lo[None, :, :, :], x_lo, zero, ASM), axis=3).to(tl.float32)
+            dot_hi = tl.sum(dot4(hi[None, :, :, :], x_hi, zero, ASM), axis=3).to(tl.float32)
+            dx_lo = tl.load(xd + xb_rows + blk_lo[None, :], mask=b_ok, other=0.0)[:, None, :]
+            dx_hi = tl.load(xd + xb_rows + blk_hi[None, :], mask=b_ok, other=0.0)[:, None, :]
+            row_halves = (starts // 2)[:, None]
+            if QT == 2:
+                ones = tl.full((1, 1, BLOCK_G, GW), 0x01010101, tl.int32)
+                zero_x = tl.zeros((BLOCK_M, 1, BLOCK_G, GW), dtype=tl.int32)
+                off_lo = tl.sum(dot4(ones, x_lo, zero_x, ASM), axis=3).to(tl.float32)
+                off_hi = tl.sum(dot4(ones, x_hi, zero_x, ASM), axis=3).to(tl.float32)
+                sc_at = starts[:, None] + 192 * NB + (16 * u + 8 * h + 2 * p + t)[None, :]
+                sc_lo = _int8(tl.load(w8 + sc_at, mask=ok, other=0))
+                sc_hi = _int8(tl.load(w8 + sc_at + 4, mask=ok, other=0))
+                d = tl.load(w16 + row_halves + 104 * NB + u[None, :], mask=ok, other=0.0).to(tl.float32)
+                acc += d[None, :, :] * (sc_lo[None, :, :] * dx_lo * (dot_lo - 32.0 * off_lo)
+                                        + sc_hi[None, :, :] * dx_hi * (dot_hi - 32.0 * off_hi))
             else:
-                acc += tl.sum(xs.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
+                SCALES: tl.constexpr = 128 * NB if QT == 0 else 160 * NB
+                D: tl.constexpr = 70 * NB if QT == 0 else 86 * NB
+                base = starts[:, None] + SCALES + (12 * u)[None, :]
+                sc_lo, mn_lo = _k4_scale_min(w8, base, (2 * c)[None, :], ok)
+                sc_hi, mn_hi = _k4_scale_min(w8, base, (2 * c + 1)[None, :], ok)
+                d = tl.load(w16 + row_halves + D + u[None, :], mask=ok, other=0.0).to(tl.float32)
+                dmin = tl.load(w16 + row_halves + D + NB + u[None, :], mask=ok, other=0.0).to(tl.float32)
+                sx_lo = tl.load(xs + xb_rows + blk_lo[None, :], mask=b_ok, other=0.0)[:, None, :]
+                sx_hi = tl.load(xs + xb_rows + blk_hi[None, :], mask=b_ok, other=0.0)[:, None, :]
+                acc += d[None, :, :] * (sc_lo.to(tl.float32)[None, :, :] * dx_lo * dot_lo
+                                        + sc_hi.to(tl.float32)[None, :, :] * dx_hi * dot_hi)
+                acc -= dmin[None, :, :] * (mn_lo.to(tl.float32)[None, :, :] * dx_lo * sx_lo
+                                           + mn_hi.to(tl.float32)[None, :, :] * dx_hi * sx_hi)
+        return tl.sum(acc, axis=2)
+
+    @triton.jit
+    def _gemv_kernel(xq32, xd, xs, w8, w32, w16, out_ptr, M, N, row_bytes, groups_per_split, stride_os,
+                     QT: tl.constexpr, NB: tl.constexpr, ALIGNED: tl.constexpr, ASM: tl.constexpr,
+                     SWIGLU: tl.constexpr, SPLIT: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+        """Programs (row tiles, K splits). SPLIT: out is float32 partials [splits, M, rows of W]
+        (both halves when SWIGLU; the reduce kernel pairs them); else out is fp16 [M, N]."""
+        NG: tl.constexpr = NB * 8 if QT == 2 else NB * 4
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        g_start = pid_s * groups_per_split
+        g_end = tl.minimum(g_start + groups_per_split, NG)
+        rm = tl.arange(0, BLOCK_M)
+        o_ok = (rm < M)[:, None] & n_ok[None, :]
+        acc = _gemv_rows(xq32, xd, xs, w8, w32, w16, rn, n_ok, M, row_bytes, g_start, g_end,
+                         QT, NB, ALIGNED, ASM, BLOCK_M, BLOCK_N, BLOCK_G)
+        if SWIGLU:
+            up = _gemv_rows(xq32, xd, xs, w8, w32, w16, rn + N, n_ok, M, row_bytes, g_start, g_end,
+                            QT, NB, ALIGNED, ASM, BLOCK_M, BLOCK_N, BLOCK_G)
+        if SPLIT:
+            rows_w = N * 2 if SWIGLU else N
+            part = out_ptr + pid_s.to(tl.int64) * stride_os + rm[:, None] * rows_w + rn[None, :]
+            tl.store(part, acc, mask=o_ok)
+            if SWIGLU:
+                tl.store(part + N, up, mask=o_ok)
+        else:
+            if SWIGLU:
+                acc = silu_times(acc, up)
+            tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(tl.float16), mask=o_ok)
+
+    @triton.jit
+    def _tiled_rows(xq, xd, xs, w8, w32, w16, rm, rows, row_ok, M, row_bytes,
+                    QT: tl.constexpr, NB: tl.constexpr, ALIGNED: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """[BLOCK_M, BLOCK_N] float32: x rows `rm` times W rows `rows` over all of K, one block
+        of 32 values at a time: its quants unpacked into an int8 [32, BLOCK_N] tile in K order
+        (value 4i + b from byte b of word i), multiplied with `tl.dot` into int32, then scaled."""
+        m_ok = rm < M
+        x_rows = xq + rm[:, None].to(tl.int64) * (NB * 256)
+        starts = rows.to(tl.int64) * row_bytes
+        i = tl.arange(0, 8)
+        byte = tl.arange(0, 4)
+        k32 = tl.arange(0, 32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for b in range(0, NB * 8):
+            u = b // 8
+            r = b % 8
+            x = tl.load(x_rows + (b * 32 + k32)[None, :], mask=m_ok[:, None], other=0)
+            dx = tl.load(xd + rm * (NB * 8) + b, mask=m_ok, other=0.0)
+            if QT == 2:
+                h = r // 4
+                qr = r % 4
+                words = _load_words(w8, w32, starts[None, :], (32 * u + 16 * h + 8 * (qr % 2) + i)[:, None],
+                                    row_ok[None, :], ALIGNED)
+                high = _load_words(w8, w32, starts[None, :], (32 * NB + 16 * u + 8 * h + i)[:, None],
+                                   row_ok[None, :], ALIGNED)
+                low4 = (words[:, None, :] >> (8 * byte + 4 * (qr // 2))[None, :, None]) & 15
+                top2 = (high[:, None, :] >> (8 * byte + 2 * qr)[None, :, None]) & 3
+                w = tl.reshape((low4 | (top2 << 4)) - 32, (32, BLOCK_N)).to(tl.int8)
+                first = (k32 < 16)[None, :]
+                sums_a = tl.dot(tl.where(first, x, 0), w, out_dtype=tl.int32).to(tl.float32)
+                sums_b = tl.dot(tl.where(first, 0, x), w, out_dtype=tl.int32).to(tl.float32)
+                sc_at = starts + 192 * NB + 16 * u + 8 * h + 2 * qr
+                sc_a = _int8(tl.load(w8 + sc_at, mask=row_ok, other=0))
+                sc_b = _int8(tl.load(w8 + sc_at + 1, mask=row_ok, other=0))
+                d = tl.load(w16 + starts // 2 + 104 * NB + u, mask=row_ok, other=0.0).to(tl.float32)
+                acc += dx[:, None] * d[None, :] * (sc_a[None, :] * sums_a + sc_b[None, :] * sums_b)
+            else:
+                words = _load_words(w8, w32, starts[None, :], (8 * (b // 2) + i)[:, None], row_ok[None, :], ALIGNED)
+                v = (words[:, None, :] >> (8 * byte + 4 * (r % 2))[None, :, None]) & 15
+                if QT == 1:
+                    high = _load_words(w8, w32, starts[None, :], (32 * NB + 8 * u + i)[:, None], row_ok[None, :], ALIGNED)
+                    v = v | (((high[:, None, :] >> (8 * byte + r)[None, :, None]) & 1) << 4)
+                w = tl.reshape(v, (32, BLOCK_N)).to(tl.int8)
+                sums = tl.dot(x, w, out_dtype=tl.int32).to(tl.float32)
+                SCALES: tl.constexpr = 128 * NB if QT == 0 else 160 * NB
+                D: tl.constexpr = 70 * NB if QT == 0 else 86 * NB
+                sc, mn = _k4_scale_min(w8, starts + SCALES + 12 * u, r + tl.zeros_like(rows), row_ok)
+                d = tl.load(w16 + starts // 2 + D + u, mask=row_ok, other=0.0).to(tl.float32)
+                dmin = tl.load(w16 + starts // 2 + D + NB + u, mask=row_ok, other=0.0).to(tl.float32)
+                sx = tl.load(xs + rm * (NB * 8) + b, mask=m_ok, other=0.0)
+                acc += dx[:, None] * (d * sc.to(tl.float32))[None, :] * sums
+                acc -= (dx * sx)[:, None] * (dmin * mn.to(tl.float32))[None, :]
         return acc
 
     @triton.jit
-    def _k_matmul_kernel(x_ptr, w_u8, w_i8, w_i16, w_f16, w_words, out_ptr, part_ptr,
-                         M, N_OUT, H, stride_xm, UNITS_PER_SLICE,
-                         QT: tl.constexpr, NB: tl.constexpr, RB: tl.constexpr, G: tl.constexpr,
-                         HALVES: tl.constexpr, DOT: tl.constexpr, SWIGLU: tl.constexpr,
-                         PARTIAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    def _tiled_kernel(xq, xd, xs, w8, w32, w16, out_ptr, M, N, row_bytes,
+                      QT: tl.constexpr, NB: tl.constexpr, ALIGNED: tl.constexpr, SWIGLU: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        rm = pid_m * BM + tl.arange(0, BM)
-        rn = pid_n * BN + tl.arange(0, BN)
-        m_ok = rm < M
-        n_ok = rn < N_OUT
-        j = tl.arange(0, G)
-        x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        acc_up = tl.zeros((BM, BN), dtype=tl.float32)
-        u_start = pid_k * UNITS_PER_SLICE
-        u_end = tl.minimum(u_start + UNITS_PER_SLICE, NB * (256 // (8 * G)))
-        for u in range(u_start, u_end):
-            acc = _unit_products(acc, x_rows, m_ok, j, rn, n_ok, u, w_u8, w_i8, w_i16, w_f16, w_words,
-                                 QT, NB, RB, G, HALVES, DOT)
-            if SWIGLU:
-                acc_up = _unit_products(acc_up, x_rows, m_ok, j, rn + H, n_ok, u, w_u8, w_i8, w_i16, w_f16,
-                                        w_words, QT, NB, RB, G, HALVES, DOT)
-        gate = acc
-        up = acc_up
-        ok = m_ok[:, None] & n_ok[None, :]
-        if PARTIAL:
-            n_rows = N_OUT * 2 if SWIGLU else N_OUT
-            p = part_ptr + (pid_k * M + rm[:, None]).to(tl.int64) * n_rows + rn[None, :]
-            tl.store(p, gate, mask=ok)
-            if SWIGLU:
-                tl.store(p + H, up, mask=ok)
-        else:
-            if SWIGLU:
-                gate = silu_times(gate, up)
-            o = out_ptr + rm.to(tl.int64)[:, None] * N_OUT + rn[None, :]
-            tl.store(o, gate.to(tl.float16), mask=ok)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        acc = _tiled_rows(xq, xd, xs, w8, w32, w16, rm, rn, n_ok, M, row_bytes, QT, NB, ALIGNED, BLOCK_M, BLOCK_N)
+        if SWIGLU:
+            up = _tiled_rows(xq, xd, xs, w8, w32, w16, rm, rn + N, n_ok, M, row_bytes, QT, NB, ALIGNED,
+                             BLOCK_M, BLOCK_N)
+            acc = silu_times(acc, up)
+        o_ok = (rm < M)[:, None] & n_ok[None, :]
+        tl.store(out_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], acc.to(tl.float16), mask=o_ok)
 
 
-# Programs wanted in flight: 132 SMs, a few programs each, so that weight loads overlap.
-TARGET_PROGRAMS = 4 * 132
+def _pow2_at_least(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
 
 
-@dataclass(frozen=True)
-class Tiles:
-    dot: bool  # tl.dot on fp16 weight tiles; else float32 products on CUDA cores
-    block_m: int
-    block_n: int
-    slices: int  # K split in this many slices (1: no partial buffer)
-    units_per_slice: int
-    num_warps: int = 8
-    num_stages: int = 2
-
-
-def tiles(m: int, n_out: int, k: int, qtype, swiglu: bool = False) -> Tiles:
-    """Tile sizes for an [m, k] x [k, n_out] product (n_out = h for swiglu)."""
-    units = k // (8 * UNIT_WORDS[qtype])
-    dot = m > 2
-    if dot:
-        block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-        block_n = 64
-    else:
-        block_m = m
-        block_n = 64 if m == 1 else 32
-    if swiglu:
+def gemv_tiles(m: int, n_rows: int, groups: int, group_words: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_G, splits, num_warps) of the decode kernel for m rows of x, n_rows rows of
+    W to compute (h for swiglu) and `groups` groups of `group_words` words per row: 64 words of
+    a row per step and about eight words a thread; narrower row tiles, then splits over K,
+    until the programs fill the multiprocessors twice over."""
+    num_warps = 4
+    block_g = max(2, min(64 // group_words, _pow2_at_least(groups)))
+    block_n = max(2, 8 * 32 * num_warps // (block_g * group_words))
+    while block_n > 2 and -(-n_rows // block_n) < 2 * SMS:
         block_n //= 2
-    m_tiles = triton.cdiv(m, block_m)
-    while block_n > 16 and triton.cdiv(n_out, block_n) * m_tiles * units < TARGET_PROGRAMS:
-        block_n //= 2
-    tiles_mn = triton.cdiv(n_out, block_n) * m_tiles
-    slices = max(1, min(units, triton.cdiv(TARGET_PROGRAMS, tiles_mn)))
-    per_slice = triton.cdiv(units, slices)
-    return Tiles(dot, block_m, block_n, triton.cdiv(units, per_slice), per_slice)
+    tiles = -(-n_rows // block_n)
+    steps = -(-groups // block_g)
+    splits = 1
+    while tiles * splits < 2 * SMS and steps // (splits * 2) >= 2:
+        splits *= 2
+    return block_n, block_g, splits, num_warps
 
 
-def _empty(shape, dtype, device) -> torch.Tensor:
-    """Output and partial-sum buffers (the tests fill them with NaN instead)."""
-    return torch.empty(shape, dtype=dtype, device=device)
+def tiled_tiles(m: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of the tiled kernel."""
+    return (16 if m <= 16 else (32 if m <= 32 else 64)), 64, 4
 
 
-def matmul(x: torch.Tensor, w: torch.Tensor, qtype, n: int, k: int, *, swiglu: bool = False) -> torch.Tensor:
-    """x (fp16 [M, k]) times the transpose of the [n, k] matrix whose kernel-layout rows are `w`:
-    fp16 [M, n], float32 sums. With swiglu, w's rows are the gate's h rows then the up's h rows
-    (n = 2h) and the result is silu(gate) * up, fp16 [M, h]."""
+def matmul(x, w: torch.Tensor, qtype, n: int, k: int, *, swiglu: bool = False,
+           kernel: str | None = None) -> torch.Tensor:
+    """x (fp16 [M, k], or its 8-bit blocks as `Q8Activations`) times the transpose of the [n, k]
+    matrix whose kernel-layout rows are `w`: fp16 [M, n]. fp16 x is first rounded to 8 bits per
+    block of 32 as llama.cpp rounds it. With swiglu, w's rows are the gate's h rows then the
+    up's h rows (n = 2h) and the result is silu(gate) * up, fp16 [M, h]. `kernel` ("gemv" or
+    "tiled") overrides the choice by M (tests and probes)."""
     if qtype not in TYPES:
         raise ValueError(f"no K-quant kernel for {qtype!r}")
-    if k % QK_K or x.dtype != torch.float16 or x.dim() != 2 or x.shape[1] != k:
-        raise ValueError(f"expected fp16 x [M, {k}] with k a multiple of {QK_K}, got {x.dtype} {tuple(x.shape)}")
+    if k % QK_K:
+        raise ValueError(f"k={k} is not a multiple of {QK_K}")
+    if not isinstance(x, activation_q8.Q8Activations):
+        if x.dtype != torch.float16 or x.dim() != 2 or x.shape[1] != k:
+            raise ValueError(f"expected fp16 x [M, {k}], got {x.dtype} {tuple(x.shape)}")
+        x = activation_q8.quantize(x)
     nb = k // QK_K
     rb = nb * BLOCK_BYTES[qtype]
     if w.dtype != torch.uint8 or tuple(w.shape) != (n, rb) or not w.is_contiguous():
         raise ValueError(f"expected contiguous uint8 w [{n}, {rb}], got {w.dtype} {tuple(w.shape)}")
     if swiglu and n % 2:
         raise ValueError("swiglu needs the gate and up rows joined: n = 2h")
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    m = x.shape[0]
-    n_out = n // 2 if swiglu else n
-    t = tiles(m, n_out, k, qtype, swiglu)
-    halves = rb % 4 != 0 or w.data_ptr() % 4 != 0
-    w_words = w.view(torch.int16) if halves else w.view(torch.int32)
-    out = _empty((m, n_out), torch.float16, x.device)
-    partial = _empty((t.slices, m, n), torch.float32, x.device) if t.slices > 1 else out
-    grid = (triton.cdiv(n_out, t.block_n), triton.cdiv(m, t.block_m), t.slices)
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        _k_matmul_kernel[grid](x, w, w.view(torch.int8), w.view(torch.int16), w.view(torch.float16), w_words,
-                               out, partial, m, n_out, n_out, x.stride(0), t.units_per_slice,
-                               QT=_KERNEL_TYPE_ID[qtype], NB=nb, RB=rb, G=UNIT_WORDS[qtype], HALVES=halves,
-                               DOT=t.dot, SWIGLU=swiglu, PARTIAL=t.slices > 1, BM=t.block_m, BN=t.block_n,
-                               num_warps=t.num_warps, num_stages=t.num_stages)
-        if t.slices > 1:
-            sum_splits(partial, out, swiglu)
+    assert x.q.shape[1] == k and x.q.is_contiguous()
+    m = x.q.shape[0]
+    rows = n // 2 if swiglu else n
+    out = torch.empty(m, rows, dtype=torch.float16, device=x.q.device)
+    aligned = rb % 4 == 0 and w.storage_offset() % 4 == 0
+    w32 = w.view(torch.int32) if aligned else w
+    w16 = w.view(torch.float16)
+    flags = dict(QT=_KERNEL_TYPE_ID[qtype], NB=nb, ALIGNED=aligned, SWIGLU=swiglu)
+    kernel = kernel or ("gemv" if m <= GEMV_MAX_ROWS else "tiled")
+    with quant_matmul.on_device_of(x.q):
+        if kernel == "gemv":
+            group_words = 4 if qtype == GGMLType.Q6_K else 8
+            groups = 32 * nb // group_words
+            block_n, block_g, splits, num_warps = gemv_tiles(m, rows, groups, group_words)
+            per_split = -(-groups // (splits * block_g)) * block_g
+            splits = -(-groups // per_split)
+            if splits > 1:
+                part = torch.empty(splits, m, n, dtype=torch.float32, device=x.q.device)
+                target, stride_os = part, part.stride(0)
+            else:
+                target, stride_os = out, 0
+            _gemv_kernel[(triton.cdiv(rows, block_n), splits)](
+                x.q.view(torch.int32), x.d, x.s, w, w32, w16, target, m, rows, rb, per_split, stride_os,
+                ASM=not quant_matmul.INTERPRETED, SPLIT=splits > 1, BLOCK_M=_pow2_at_least(m),
+                BLOCK_N=block_n, BLOCK_G=block_g, num_warps=num_warps, **flags)
+            if splits > 1:
+                sum_splits(part, out, swiglu)
+        else:
+            block_m, block_n, num_warps = tiled_tiles(m)
+            _tiled_kernel[(triton.cdiv(rows, block_n), triton.cdiv(m, block_m))](
+                x.q, x.d, x.s, w, w32, w16, out, m, rows, rb,
+                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags)
     return out

@@ -59,9 +59,8 @@ def dequantize(kl: torch.Tensor, qtype, cols: int, dtype: torch.dtype) -> torch.
 
 def reads_q8(qtype) -> bool:
     """Whether the kernel for `qtype` multiplies 8-bit activations (`Q8Activations`), which it
-    rounds from fp16 itself when given fp16."""
-    from pipellm_core.model.kernels import q32_products
-    return _module(qtype) is q32_products
+    rounds from fp16 itself when given fp16: all the kernels of the kernel layout do."""
+    return _module(qtype) is not None
 
 
 def matmul(x, w: torch.Tensor, qtype, n: int, k: int, swiglu: bool = False) -> torch.Tensor:
