@@ -5,7 +5,9 @@ batch, the median time of the kernel the engine would run and the bandwidth it r
 bytes + activations in and out, over the time), beside the device-to-device copy bandwidth
 measured in the same run. Weights are random blocks in the kernels' layout; several copies are
 rotated so that the 60 MB L2 does not serve them. Times are of CUDA-graph replays (as the
-engine runs a step with the graphs plugin), so that host launch overhead stays out.
+engine runs a step with the graphs plugin), so that host launch overhead stays out. Products
+that multiply 8-bit activations get them made beforehand, as the norm kernel makes them in a
+step (before commit a49508f they rounded fp16 activations themselves, one more small launch).
 
     python benchmarks/kernels.py --json out.json [--batches 1,8,32]
 """
@@ -22,7 +24,7 @@ import triton.testing
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as GGMLType
 
 from pipellm_core.gguf.synthetic import SHAPES, q4_k_m_mix, random_blocks
-from pipellm_core.model.kernels import decode_attention, products, quant_matmul
+from pipellm_core.model.kernels import activation_q8, decode_attention, products, quant_matmul
 
 # model name -> (shape, type of each product, head type)
 MODELS = {
@@ -110,6 +112,8 @@ def main() -> None:
             ws = weight_copies(qtype, n, k, copies, rng)
             for B in batches:
                 x = torch.randn(B, k, device="cuda").half()
+                if products.reads_q8(qtype):  # in a step, the norm kernel writes the 8-bit quants
+                    x = activation_q8.quantize(x)
                 state = {"i": 0}
 
                 def run():

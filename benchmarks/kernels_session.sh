@@ -3,8 +3,10 @@
 # (each on the same, still warm machine). Needs the bundle of prepare_device_bundle.sh.
 #
 #   kernels_session.sh one BUNDLE   set-up (llama.cpp builds and the models are written in the
-#                                   background), the kernels' GPU tests, the Q4 products' tile
-#                                   sweep (its table serves the later calls), every product timed
+#                                   background), the kernels' GPU tests, the K-quant products
+#                                   probed alone, every product timed (the Q4 products' tiles
+#                                   come from the committed table; `kernel_probe_q32.py --sweep`
+#                                   measures a new one)
 #   kernels_session.sh two PART     SmolLM2, 8B Q4_0 and 8B Q4_K_M against llama.cpp
 #   kernels_session.sh three PART   8B F16 against llama.cpp; 8B Q4_0 with 16 of 32 layers
 #                                   resident against llama.cpp at 16 GPU layers; the other GPU
@@ -15,7 +17,6 @@ here=$(cd "$(dirname "$0")" && pwd)
 run() { bash "$here/device_run.sh" "$@"; }
 m=/tmp/pipellm
 export PIPELLM_TEST_VOCAB=$m/smollm2-vocab.gguf
-export PIPELLM_Q32_TILES=$m/q32_tiles.json
 bench() {  # NAME LABEL FILE [extra bench flags]
   local name=$1 label=$2 file=$3; shift 3
   run bench "$name" -m "$m/$file" --label "$label" --ablate "none;graphs" -b 1,8,32 -n 48 --repeats 2 "$@"
@@ -23,12 +24,12 @@ bench() {  # NAME LABEL FILE [extra bench flags]
 case $1 in
 one)
   run setup "$2"
-  timeout 150 bash "$here/device_run.sh" tests tests/model/test_q32_products.py tests/model/test_norm.py \
-    tests/model/test_fused_decode.py tests/model/test_kernels.py
-  run py benchmarks/kernel_probe_q32.py --json "$OUT/probe_q32.json" --rows 1,8,32 --models llama-8b-q4_0 \
-    --sweep --budget 14 --tiles "$PIPELLM_Q32_TILES" | tee "$OUT/probe_q32.txt"
-  cp "$PIPELLM_Q32_TILES" "$OUT/q32_tiles.json"
-  run py benchmarks/kernels.py --json "$OUT/kernels.json" | tee "$OUT/kernels.txt" | tail -40
+  timeout 260 bash "$here/device_run.sh" tests tests/model/test_k_products.py tests/model/test_q32_products.py \
+    tests/model/test_norm.py tests/model/test_fused_decode.py tests/model/test_kernels.py \
+    tests/model/test_decode_attention.py
+  timeout 120 bash "$here/device_run.sh" py benchmarks/kernel_probe_k.py --json "$OUT/probe_k.json" --types Q4_K,Q6_K \
+    --m 1,8,32 | tee "$OUT/probe_k.txt"
+  timeout 150 bash "$here/device_run.sh" py benchmarks/kernels.py --json "$OUT/kernels.json" | tee "$OUT/kernels.txt" | tail -40
   ;;
 two)
   run model "$2"
