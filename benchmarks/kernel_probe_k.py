@@ -2,6 +2,11 @@
 on a CUDA GPU, at Llama-8B shapes, against the device's copy bandwidth measured in the same run.
 
     python benchmarks/kernel_probe_k.py --json OUT.json [--types Q4_K,Q5_K,Q6_K] [--m 1,2,4,8,16,32]
+    python benchmarks/kernel_probe_k.py --sweep --tiles k_tiles.json [--budget 5]
+
+The sweep times, by CUDA-graph replays, candidate tiles of both kernels for the products of a
+Llama-8B Q4_K_M-mix step at 1 to 32 rows, and writes the fastest of each into --tiles, in the
+format of `k_products.TILES_FILE` (merged into what the file holds).
 
 For each type, (n, k) and M: the median time of one product (triton.testing.do_bench; each call
 takes the next of several copies of the weights, so the L2 cache does not serve them), the bytes
@@ -60,18 +65,104 @@ def reference(x: torch.Tensor, w_decoded: torch.Tensor, swiglu: bool) -> torch.T
 def plan_of(m: int, n_out: int, k: int, qtype) -> dict:
     """The tiles `k_products.matmul` picks for this shape."""
     if m > k_products.GEMV_MAX_ROWS:
-        return dict(zip(("kernel", "block_m", "block_n", "num_warps"), ("tiled", *k_products.tiled_tiles(m))))
+        return dict(zip(("kernel", "block_m", "block_n", "splits", "num_warps"),
+                        ("tiled", *k_products.tiled_tiles(m, n_out, k // 32))))
     group_words = 4 if qtype == GGMLType.Q6_K else 8
     tiles = k_products.gemv_tiles(m, n_out, 32 * (k // 256) // group_words, group_words)
     return dict(zip(("kernel", "block_n", "block_g", "splits", "num_warps"), ("gemv", *tiles)))
 
 
+# (type, rows, k, swiglu) of a Llama-8B Q4_K_M-mix step: q, k, output, gate/up and the Q4_K
+# layers' down (Q4_K); v, the other layers' down and the head (Q6_K)
+SWEEP_SHAPES = [("Q4_K", 4096, 4096, False), ("Q4_K", 1024, 4096, False), ("Q4_K", 28672, 4096, True),
+                ("Q4_K", 4096, 14336, False), ("Q6_K", 1024, 4096, False), ("Q6_K", 4096, 14336, False),
+                ("Q6_K", 49152, 4096, False)]
+SWEEP_ROWS = (1, 2, 4, 8, 16, 32)
+
+
+def candidates(m: int, n_out: int, k: int, qtype):
+    """(kernel, tiles) to try, the rules' choice first."""
+    nb = k // 256
+    group_words = 4 if qtype == GGMLType.Q6_K else 8
+    groups = 32 * nb // group_words
+    gemv, tiled = [], []
+    if m <= k_products.GEMV_MAX_ROWS:
+        for block_n, words, warps in ((2, 128, 4), (4, 128, 4), (4, 64, 4), (8, 64, 4), (16, 64, 8), (8, 128, 8)):
+            for splits in (1, 2, 4):
+                if groups // (words // group_words) >= 2 * splits or splits == 1:
+                    gemv.append(("gemv", (block_n, max(2, words // group_words), splits, warps)))
+    if m >= 2:
+        for splits in (1, 2, 4, 8):
+            for block_n in (16, 32, 64):
+                if nb * 8 // splits >= 16:
+                    tiled.append(("tiled", (16 if m <= 16 else 32, block_n, splits, 4)))
+    out = [k_products._plan(m, n_out, nb, qtype, False, torch.device("cpu"), None)]
+    for i in range(max(len(gemv), len(tiled))):  # both kernels get tried within the budget
+        out += gemv[i:i + 1] + tiled[i:i + 1]
+    seen = []
+    return [c for c in out if not (c in seen or seen.append(c))]
+
+
+def sweep(tiles_path: str, budget: float) -> None:
+    import time
+    from pathlib import Path
+    from kernels import graph_time  # benchmarks/kernels.py
+    from pipellm_core.model.kernels import activation_q8
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    device = torch.cuda.get_device_name()
+    path = Path(tiles_path)
+    table = json.loads(path.read_text()) if path.is_file() else {}
+    best = table.setdefault(device, {})
+    plan = k_products._plan
+    for name, n, k, swiglu in SWEEP_SHAPES:
+        qtype = GGMLType[name]
+        w = random_weights(qtype, n, k, gen)
+        copies = [w] + [w.clone() for _ in range(max(1, ROTATED_BYTES // 4 // w.numel()) - 1)]
+        n_out = n // 2 if swiglu else n
+        for m in SWEEP_ROWS:
+            x = activation_q8.quantize(torch.randn(m, k, device="cuda", generator=gen).half())
+            start, results = time.monotonic(), []
+            for kernel, tiles in candidates(m, n_out, k, qtype):
+                if time.monotonic() - start > budget and results:
+                    break
+                k_products._plan = lambda *a, kernel=kernel, tiles=tiles: (kernel, tiles)
+                state = {"i": 0}
+
+                def run():
+                    state["i"] = (state["i"] + 1) % len(copies)
+                    return k_products.matmul(x, copies[state["i"]], qtype, n, k, swiglu=swiglu)
+                try:
+                    results.append((graph_time(run, max(16, len(copies))), kernel, tiles))
+                except Exception as e:  # a tile the compiler refuses (resources): skip it
+                    print(f"  {kernel} {tiles}: {type(e).__name__}", flush=True)
+                finally:
+                    k_products._plan = plan
+            results.sort()
+            ms, kernel, tiles = results[0]
+            rule_ms = next(r[0] for r in results if (r[1], r[2]) == candidates(m, n_out, k, qtype)[0])
+            best[k_products.tiles_key(kernel, qtype, m, n_out, k // 32, swiglu)] = list(tiles)
+            moved = w.numel() + m * k + m * n_out * 2
+            print(f"{name} {n:6d}x{k:5d}{' swiglu' if swiglu else '       '} M={m:2d}: best {kernel} {tiles} "
+                  f"{ms * 1e3:7.1f} us {moved / ms / 1e6:6.0f} GB/s (rules {rule_ms * 1e3:7.1f} us, "
+                  f"{len(results)} tried)", flush=True)
+        del copies, w
+        torch.cuda.empty_cache()
+    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {path}")
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--json", required=True)
+    ap.add_argument("--json")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--tiles", default="k_tiles.json")
+    ap.add_argument("--budget", type=float, default=5.0, help="seconds per shape and row count in the sweep")
     ap.add_argument("--types", default="Q4_K,Q5_K,Q6_K")
     ap.add_argument("--m", default="1,2,4,8,16,32")
     args = ap.parse_args()
+    if args.sweep:
+        return sweep(args.tiles, args.budget)
     ms_list = [int(m) for m in args.m.split(",")]
     gen = torch.Generator(device="cuda").manual_seed(0)
 

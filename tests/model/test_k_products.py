@@ -106,17 +106,22 @@ def test_matmul_matches_float64_in_the_interpreter():
 
 def test_decode_tiles_fill_the_gpu_narrowing_rows_first_then_splitting_k(monkeypatch):
     monkeypatch.setattr(k_products, "SMS", 132)
-    for rows, groups, words in ((256, 64, 8), (1024, 64, 8), (4096, 224, 8), (4096, 448, 4), (128256, 64, 8)):
+    for rows, groups, words in ((1024, 64, 8), (4096, 224, 8), (4096, 448, 4), (128256, 64, 8)):
         block_n, block_g, splits, _ = k_products.gemv_tiles(1, rows, groups, words)
         assert -(-rows // block_n) * splits >= 2 * 132
         assert splits == 1 or block_n == 2  # K is split only where the row tiles are at their narrowest
     assert k_products.gemv_tiles(1, 256, 64, 8)[2] > 1
-    assert k_products.gemv_tiles(1, 128256, 64, 8)[:3] == (16, 8, 1)
+    assert k_products.gemv_tiles(1, 128256, 64, 8)[:3] == (4, 16, 1)
+    for m, rows, blocks in ((32, 4096, 128), (32, 256, 448), (16, 49152, 128)):
+        block_m, block_n, splits, _ = k_products.tiled_tiles(m, rows, blocks)
+        assert -(-rows // block_n) * -(-m // block_m) * splits >= 2 * 132 or blocks // splits < 32
+    assert k_products.tiled_tiles(32, 256, 448)[2] > 1
 
 
 def test_matmul_split_over_k_in_the_interpreter():
     # 1000 multiprocessors: these small products split K in 2 to 4
-    run_in_interpreter(check([(1, 40, 2048, False, None), (5, 24, 2048, True, None)], (1000,)))
+    run_in_interpreter(check([(1, 40, 2048, False, None), (5, 24, 2048, True, None),
+                              (12, 24, 2048, True, "tiled")], (1000,)))
 
 
 @pytest.mark.gpu

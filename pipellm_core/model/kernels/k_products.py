@@ -40,12 +40,14 @@ GPUs. Triton's interpreter runs the same kernels on the CPU in the tests.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from gguf import GGMLQuantizationType as GGMLType
 
 from pipellm_core.gguf.dequant import QK_K
 from pipellm_core.gguf.dequant import dequantize as dequantize_file_blocks
-from pipellm_core.model.kernels import activation_q8, quant_matmul
+from pipellm_core.model.kernels import activation_q8, q32_products, quant_matmul
 
 try:
     import triton
@@ -249,11 +251,11 @@ if triton is not None:
             tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(tl.float16), mask=o_ok)
 
     @triton.jit
-    def _tiled_rows(xq, xd, xs, w8, w32, w16, rm, rows, row_ok, M, row_bytes,
+    def _tiled_rows(xq, xd, xs, w8, w32, w16, rm, rows, row_ok, M, row_bytes, b_start, b_end,
                     QT: tl.constexpr, NB: tl.constexpr, ALIGNED: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """[BLOCK_M, BLOCK_N] float32: x rows `rm` times W rows `rows` over all of K, one block
-        of 32 values at a time: its quants unpacked into an int8 [32, BLOCK_N] tile in K order
+        """[BLOCK_M, BLOCK_N] float32: x rows `rm` times W rows `rows` over blocks [b_start,
+        b_end) of K, one block of 32 values at a time: its quants unpacked into an int8 [32, BLOCK_N] tile in K order
         (value 4i + b from byte b of word i), multiplied with `tl.dot` into int32, then scaled."""
         m_ok = rm < M
         x_rows = xq + rm[:, None].to(tl.int64) * (NB * 256)
@@ -262,7 +264,7 @@ if triton is not None:
         byte = tl.arange(0, 4)
         k32 = tl.arange(0, 32)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for b in range(0, NB * 8):
+        for b in range(b_start, b_end):
             u = b // 8
             r = b % 8
             x = tl.load(x_rows + (b * 32 + k32)[None, :], mask=m_ok[:, None], other=0)
@@ -304,21 +306,34 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _tiled_kernel(xq, xd, xs, w8, w32, w16, out_ptr, M, N, row_bytes,
+    def _tiled_kernel(xq, xd, xs, w8, w32, w16, out_ptr, M, N, row_bytes, blocks_per_split, stride_os,
                       QT: tl.constexpr, NB: tl.constexpr, ALIGNED: tl.constexpr, SWIGLU: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                      SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Programs (row tiles, x row tiles, K splits); SPLIT as in `_gemv_kernel`."""
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
+        pid_s = tl.program_id(2)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
-        acc = _tiled_rows(xq, xd, xs, w8, w32, w16, rm, rn, n_ok, M, row_bytes, QT, NB, ALIGNED, BLOCK_M, BLOCK_N)
+        b_start = pid_s * blocks_per_split
+        b_end = tl.minimum(b_start + blocks_per_split, NB * 8)
+        acc = _tiled_rows(xq, xd, xs, w8, w32, w16, rm, rn, n_ok, M, row_bytes, b_start, b_end,
+                          QT, NB, ALIGNED, BLOCK_M, BLOCK_N)
         if SWIGLU:
-            up = _tiled_rows(xq, xd, xs, w8, w32, w16, rm, rn + N, n_ok, M, row_bytes, QT, NB, ALIGNED,
-                             BLOCK_M, BLOCK_N)
-            acc = silu_times(acc, up)
+            up = _tiled_rows(xq, xd, xs, w8, w32, w16, rm, rn + N, n_ok, M, row_bytes, b_start, b_end,
+                             QT, NB, ALIGNED, BLOCK_M, BLOCK_N)
         o_ok = (rm < M)[:, None] & n_ok[None, :]
-        tl.store(out_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], acc.to(tl.float16), mask=o_ok)
+        if SPLIT:
+            rows_w = N * 2 if SWIGLU else N
+            part = out_ptr + pid_s.to(tl.int64) * stride_os + rm[:, None].to(tl.int64) * rows_w + rn[None, :]
+            tl.store(part, acc, mask=o_ok)
+            if SWIGLU:
+                tl.store(part + N, up, mask=o_ok)
+        else:
+            if SWIGLU:
+                acc = silu_times(acc, up)
+            tl.store(out_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], acc.to(tl.float16), mask=o_ok)
 
 
 def _pow2_at_least(v: int) -> int:
@@ -327,12 +342,15 @@ def _pow2_at_least(v: int) -> int:
 
 def gemv_tiles(m: int, n_rows: int, groups: int, group_words: int) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_G, splits, num_warps) of the decode kernel for m rows of x, n_rows rows of
-    W to compute (h for swiglu) and `groups` groups of `group_words` words per row: 64 words of
-    a row per step and about eight words a thread; narrower row tiles, then splits over K,
-    until the programs fill the multiprocessors twice over."""
-    num_warps = 4
-    block_g = max(2, min(64 // group_words, _pow2_at_least(groups)))
-    block_n = max(2, 8 * 32 * num_warps // (block_g * group_words))
+    W to compute (h for swiglu) and `groups` groups of `group_words` words per row. One row of x:
+    two to four W rows a program and 128 words of each a step (as the tuned Q4_0 kernels); more:
+    16 rows and 64 words. Then narrower row tiles and splits over K, until the programs fill
+    the multiprocessors twice over."""
+    if m == 1:
+        num_warps, words, block_n = 4, 128, 2 if n_rows <= 8192 else 4
+    else:
+        num_warps, words, block_n = 8, 64, 16
+    block_g = max(2, min(words // group_words, _pow2_at_least(groups)))
     while block_n > 2 and -(-n_rows // block_n) < 2 * SMS:
         block_n //= 2
     tiles = -(-n_rows // block_n)
@@ -343,9 +361,48 @@ def gemv_tiles(m: int, n_rows: int, groups: int, group_words: int) -> tuple[int,
     return block_n, block_g, splits, num_warps
 
 
-def tiled_tiles(m: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) of the tiled kernel."""
-    return (16 if m <= 16 else (32 if m <= 32 else 64)), 64, 4
+def tiled_tiles(m: int, n_rows: int, blocks: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, splits, num_warps) of the tiled kernel, for `blocks` blocks of 32 per
+    row: row tiles of 64, narrowed to 16, then splits over K (16 blocks or more each) until the
+    programs fill the multiprocessors twice over."""
+    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+    m_tiles = -(-m // block_m)
+    block_n = 64
+    while block_n > 16 and -(-n_rows // block_n) * m_tiles < 2 * SMS:
+        block_n //= 2
+    tiles = -(-n_rows // block_n) * m_tiles
+    splits = 1
+    while tiles * splits < 2 * SMS and blocks // (splits * 2) >= 16:
+        splits *= 2
+    return block_m, block_n, splits, 4
+
+
+# Tile choices measured per GPU model by `benchmarks/kernel_probe_k.py --sweep`, in the format of
+# `q32_products.TILES_FILE` with keys "gemv|tiled TYPE M rows blocks swiglu" (M a power of two;
+# for up to GEMV_MAX_ROWS rows, a "tiled" entry also means that the tiled kernel won there).
+# PIPELLM_K_TILES names another such file. Shapes not in it take the rules above.
+TILES_FILE = Path(__file__).with_name("k_tiles.json")
+
+
+def tiles_key(kernel: str, qtype, m: int, n_rows: int, blocks: int, swiglu: bool) -> str:
+    return f"{kernel} {qtype.name} {_pow2_at_least(m)} {n_rows} {blocks} {int(swiglu)}"
+
+
+def _plan(m: int, n_rows: int, nb: int, qtype, swiglu: bool, device: torch.device, kernel: str | None) -> tuple:
+    """(kernel, tiles) for this product: the table's entry for this GPU model where it has one,
+    else the rules (the decode kernel up to GEMV_MAX_ROWS rows)."""
+    group_words = 4 if qtype == GGMLType.Q6_K else 8
+    if device.type == "cuda":
+        table = q32_products.tuned_tiles(device.index if device.index is not None else torch.cuda.current_device(),
+                                         "PIPELLM_K_TILES", TILES_FILE)
+        for name in ("tiled", "gemv") if kernel is None else (kernel,):
+            hit = table.get(tiles_key(name, qtype, m, n_rows, nb * 8, swiglu))
+            if hit:
+                return name, tuple(hit)
+    kernel = kernel or ("gemv" if m <= GEMV_MAX_ROWS else "tiled")
+    if kernel == "gemv":
+        return kernel, gemv_tiles(m, n_rows, 32 * nb // group_words, group_words)
+    return kernel, tiled_tiles(m, n_rows, nb * 8)
 
 
 def matmul(x, w: torch.Tensor, qtype, n: int, k: int, *, swiglu: bool = False,
@@ -377,28 +434,32 @@ def matmul(x, w: torch.Tensor, qtype, n: int, k: int, *, swiglu: bool = False,
     w32 = w.view(torch.int32) if aligned else w
     w16 = w.view(torch.float16)
     flags = dict(QT=_KERNEL_TYPE_ID[qtype], NB=nb, ALIGNED=aligned, SWIGLU=swiglu)
-    kernel = kernel or ("gemv" if m <= GEMV_MAX_ROWS else "tiled")
+    kernel, tiles = _plan(m, rows, nb, qtype, swiglu, x.q.device, kernel)
     with quant_matmul.on_device_of(x.q):
         if kernel == "gemv":
-            group_words = 4 if qtype == GGMLType.Q6_K else 8
-            groups = 32 * nb // group_words
-            block_n, block_g, splits, num_warps = gemv_tiles(m, rows, groups, group_words)
+            block_n, block_g, splits, num_warps = tiles
+            groups = 32 * nb // (4 if qtype == GGMLType.Q6_K else 8)
             per_split = -(-groups // (splits * block_g)) * block_g
             splits = -(-groups // per_split)
-            if splits > 1:
-                part = torch.empty(splits, m, n, dtype=torch.float32, device=x.q.device)
-                target, stride_os = part, part.stride(0)
-            else:
-                target, stride_os = out, 0
-            _gemv_kernel[(triton.cdiv(rows, block_n), splits)](
-                x.q.view(torch.int32), x.d, x.s, w, w32, w16, target, m, rows, rb, per_split, stride_os,
-                ASM=not quant_matmul.INTERPRETED, SPLIT=splits > 1, BLOCK_M=_pow2_at_least(m),
-                BLOCK_N=block_n, BLOCK_G=block_g, num_warps=num_warps, **flags)
-            if splits > 1:
-                sum_splits(part, out, swiglu)
+            grid = (triton.cdiv(rows, block_n), splits)
         else:
-            block_m, block_n, num_warps = tiled_tiles(m)
-            _tiled_kernel[(triton.cdiv(rows, block_n), triton.cdiv(m, block_m))](
-                x.q, x.d, x.s, w, w32, w16, out, m, rows, rb,
-                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags)
+            block_m, block_n, splits, num_warps = tiles
+            per_split = -(-nb * 8 // splits)
+            splits = -(-nb * 8 // per_split)
+            grid = (triton.cdiv(rows, block_n), triton.cdiv(m, block_m), splits)
+        if splits > 1:
+            part = torch.empty(splits, m, n, dtype=torch.float32, device=x.q.device)
+            target, stride_os = part, part.stride(0)
+        else:
+            target, stride_os = out, 0
+        if kernel == "gemv":
+            _gemv_kernel[grid](x.q.view(torch.int32), x.d, x.s, w, w32, w16, target, m, rows, rb, per_split,
+                               stride_os, ASM=not quant_matmul.INTERPRETED, SPLIT=splits > 1,
+                               BLOCK_M=_pow2_at_least(m), BLOCK_N=block_n, BLOCK_G=block_g,
+                               num_warps=num_warps, **flags)
+        else:
+            _tiled_kernel[grid](x.q, x.d, x.s, w, w32, w16, target, m, rows, rb, per_split, stride_os,
+                                SPLIT=splits > 1, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags)
+        if splits > 1:
+            sum_splits(part, out, swiglu)
     return out

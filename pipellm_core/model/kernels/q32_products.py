@@ -307,8 +307,9 @@ TILES_FILE = Path(__file__).with_name("q32_tiles.json")
 
 
 @functools.cache
-def tuned_tiles(device_index: int) -> dict[str, list[int]]:
-    path = Path(os.environ.get("PIPELLM_Q32_TILES") or TILES_FILE)
+def tuned_tiles(device_index: int, env: str = "PIPELLM_Q32_TILES", default: Path = TILES_FILE) -> dict[str, list]:
+    """The table of measured tiles for this GPU model: the file named by `env`, else `default`."""
+    path = Path(os.environ.get(env) or default)
     table = json.loads(path.read_text()) if path.is_file() else {}
     return table.get(torch.cuda.get_device_name(device_index), {})
 
