@@ -14,6 +14,8 @@
 #   device_run.sh wait             wait for the build and the models
 #   device_run.sh tests [PATHS]    the GPU tests (pytest -m gpu), log in $OUT
 #   device_run.sh bench NAME ARGS  `pipellm bench` with the llama.cpp baseline; NAME.{json,md,png} in $OUT
+#   device_run.sh serve-bench NAME FILE ARGS  streaming clients against `pipellm serve` (graphs)
+#                                  and llama-server on FILE (serve_compare.py); NAME.{json,md,log} in $OUT
 #   device_run.sh py SCRIPT ARGS   a Python script of the checkout with the same environment
 #
 # BUNDLE is what benchmarks/prepare_device_bundle.sh made. Models and the build live in
@@ -93,6 +95,12 @@ bench)
   cd "$repo"
   python3 -m pipellm_core.frontends.cli bench --device cuda --baseline llamacpp --no-progress \
     --json "$OUT/$name.json" --markdown "$OUT/$name.md" --plot "$OUT/$name.png" "$@" 2>&1 | quiet
+  ;;
+serve-bench)
+  name=$1 file=$2; shift 2
+  cd "$repo"
+  python3 benchmarks/serve_compare.py -m "$file" --llama-server "$work/llama/build/bin/llama-server" \
+    --device cuda --json "$OUT/$name.json" --markdown "$OUT/$name.md" --log "$OUT/$name.log" "$@"
   ;;
 py)
   cd "$repo" && python3 "$@" 2>&1 | quiet
