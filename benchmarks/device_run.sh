@@ -41,10 +41,9 @@ install_wheels() {  # the bundle's wheels, the vocabularies, pipellm's metadata
 }
 
 start_build() {  # BUNDLE TARGET...: one background build of llama.cpp (build_llamacpp.sh)
-  local bundle=$1; shift
-  if [ -f "$work/llama/build.done" ] && { [[ " $* " != *" llama-server "* ]] || [ -x "$work/llama/build/bin/llama-server" ]; }; then
-    return
-  fi
+  local bundle=$1 built=$work/llama/build.done; shift
+  [[ " $* " == *" llama-server "* ]] && built=$work/llama/build/bin/llama-server
+  [ -e "$built" ] && return
   pgrep -f build_llamacpp >/dev/null && return
   rm -f "$work/llama/build.done"
   [ -d "$work/src" ] || { mkdir -p "$work/src" && tar -xzf "$bundle"/llama-cpp-python-*.tar.gz -C "$work/src"; }

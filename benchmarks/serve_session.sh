@@ -4,7 +4,7 @@
 # then serve_compare.py on each (1, 8, 32 and 64 clients; the smaller model first, so that its
 # rows come back even if the call runs out of time). Needs the bundle of prepare_device_bundle.sh.
 #
-#   serve_session.sh BUNDLE [serve_compare.py flags]
+#   serve_session.sh BUNDLE [serve_compare.py flags]   (--slots 64: one start of each server per model)
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 run() { bash "$here/device_run.sh" "$@"; }
