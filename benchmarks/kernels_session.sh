@@ -54,7 +54,7 @@ three)
 four)
   unset PIPELLM_Q32_TILES  # no sweep ran on this machine: the table shipped with the package
   run setup "$2" gemma3-270m-q4_k_m qwen3-8b-q4_k_m
-  run wait
+  run wait || exit 1
   BATCHES=1,32 bench gemma3-270m-q4_k_m "Gemma 3 270M shape Q4_K_M mix, Gemma 3 tokenizer" gemma3-270m-q4_k_m.gguf
   BATCHES=1,32 bench qwen3-8b-q4_k_m "Qwen3-8B shape Q4_K_M mix" qwen3-8b-q4_k_m.gguf
   ;;
