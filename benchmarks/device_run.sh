@@ -3,52 +3,67 @@
 # again on the same machine and skips what is done, so a run can be split over several calls
 # (the real SmolLM2 file, 98 MB, travels in two halves, one per call).
 #
-#   device_run.sh setup BUNDLE     install the bundle's wheels; start, in the background, the
-#                                  llama-cpp-python CUDA build and the random-weight models
+#   device_run.sh setup BUNDLE [MODEL...]         install the bundle's wheels; start, in the
+#                                  background, the CUDA build of llama.cpp's libraries (for
+#                                  llama-cpp-python) and the random-weight models (make_models.py
+#                                  names; default: all)
+#   device_run.sh setup-server BUNDLE [MODEL...]  the same, and llama-server in the same build
 #   device_run.sh lite BUNDLE      only the wheels and pipellm's metadata: for GPU work that needs
 #                                  neither llama.cpp nor the benchmark models
 #   device_run.sh model PART       add a half of the real SmolLM2 file (model.part-a / -b)
 #   device_run.sh wait             wait for the build and the models
 #   device_run.sh tests [PATHS]    the GPU tests (pytest -m gpu), log in $OUT
 #   device_run.sh bench NAME ARGS  `pipellm bench` with the llama.cpp baseline; NAME.{json,md,png} in $OUT
+#   device_run.sh serve-bench NAME FILE ARGS  streaming clients against `pipellm serve` (graphs)
+#                                  and llama-server on FILE (serve_compare.py); NAME.{json,md,log} in $OUT
 #   device_run.sh py SCRIPT ARGS   a Python script of the checkout with the same environment
 #
 # BUNDLE is what benchmarks/prepare_device_bundle.sh made. Models and the build live in
-# /tmp/pipellm; set PYTHONPATH as below to use them.
+# /tmp/pipellm (PIPELLM_DEVICE_WORK; build_llamacpp.sh's llama/build/bin and llama/python); set
+# PYTHONPATH as below to use them.
 set -uo pipefail
-work=/tmp/pipellm
+work=${PIPELLM_DEVICE_WORK:-/tmp/pipellm}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 # the checkout first; $work/pkg only adds pipellm's metadata (the `pipellm` entry points)
-export PYTHONPATH=$work/site:$work/llama:$repo:$work/pkg
+export PYTHONPATH=$work/site:$work/llama/python:$repo:$work/pkg
 export PYTHONUNBUFFERED=1
 export PIPELLM_COMMIT=${PIPELLM_COMMIT:-unknown}  # the copy there has no .git: pass the commit in
 mkdir -p "$work" "${OUT:-/tmp/out}"
 quiet() { grep -v "^llama_\|^load\|^print_info\|^graph_\|^sched_\|^init_\|^~llama" ; }
 step=$1; shift
 
-install_wheels() {  # the bundle's wheels, SmolLM2's vocabulary, pipellm's metadata
+install_wheels() {  # the bundle's wheels, the vocabularies, pipellm's metadata
   [ -d "$work/site/gguf" ] || python3 -m pip install -q --no-index --no-deps --no-compile \
     --target "$work/site" "$1"/wheels/*.whl
-  [ -f "$work/smollm2-vocab.gguf" ] || cp "$1/smollm2-vocab.gguf" "$work/"
+  cp -n "$1"/*-vocab.gguf "$work/"
   [ -d "$work/pkg" ] || python3 -m pip install -q --no-deps --no-build-isolation --no-index \
     --target "$work/pkg" "$repo"
 }
 
+start_build() {  # BUNDLE TARGET...: one background build of llama.cpp (build_llamacpp.sh)
+  local bundle=$1 built=$work/llama/build.done; shift
+  [[ " $* " == *" llama-server "* ]] && built=$work/llama/build/bin/llama-server
+  [ -e "$built" ] && return
+  pgrep -f build_llamacpp >/dev/null && return
+  rm -f "$work/llama/build.done"
+  [ -d "$work/src" ] || { mkdir -p "$work/src" && tar -xzf "$bundle"/llama-cpp-python-*.tar.gz -C "$work/src"; }
+  CUDACXX=/usr/local/cuda/bin/nvcc JOBS=14 LLAMA_TARGETS="$*" setsid nohup bash "$repo/benchmarks/build_llamacpp.sh" \
+    "$work/src"/llama_cpp_python-* "$work/llama" -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90a -DGGML_NATIVE=off \
+    -DGGML_CUDA_NCCL=off > "$work/build.log" 2>&1 &
+}
+
+start_models() {  # MODEL...: write them in the background (make_models.py skips those written)
+  pgrep -f make_models >/dev/null && return
+  rm -f "$work/models.done"
+  setsid nohup python3 "$repo/benchmarks/make_models.py" "$work" "$@" > "$work/models.log" 2>&1 &
+}
+
 case $step in
-setup)
-  bundle=$1
+setup|setup-server)
+  bundle=$1; shift
   install_wheels "$bundle"
-  if [ ! -d "$work/llama/llama_cpp" ] && ! pgrep -f "target $work/llama" >/dev/null; then
-    mkdir -p "$work/src" && tar -xzf "$bundle"/llama-cpp-python-*.tar.gz -C "$work/src"
-    cd "$work/src"/llama_cpp_python-*
-    CUDACXX=/usr/local/cuda/bin/nvcc \
-    CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90a -DGGML_NATIVE=off -DLLAVA_BUILD=off -DGGML_CUDA_NCCL=off" \
-    CMAKE_BUILD_PARALLEL_LEVEL=14 setsid nohup python3 -m pip install --no-build-isolation --no-deps \
-      --target "$work/llama" . > "$work/build.log" 2>&1 &
-    cd "$repo"
-  fi
-  [ -f "$work/models.done" ] || pgrep -f make_models >/dev/null || \
-    setsid nohup python3 "$repo/benchmarks/make_models.py" "$work" > "$work/models.log" 2>&1 &
+  if [ "$step" = setup-server ]; then start_build "$bundle" llama llama-server; else start_build "$bundle" llama; fi
+  start_models "$@"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   ;;
 lite)
@@ -64,9 +79,10 @@ model)
   fi
   ;;
 wait)
-  while pgrep -f "target $work/llama" >/dev/null || pgrep -f make_models >/dev/null; do sleep 3; done
-  [ -d "$work/llama/llama_cpp" ] || { tail -30 "$work/build.log"; exit 1; }
+  while pgrep -f build_llamacpp >/dev/null || pgrep -f make_models >/dev/null; do sleep 3; done
+  [ -f "$work/llama/build.done" ] || { tail -30 "$work/build.log"; exit 1; }
   [ -f "$work/models.done" ] || { tail -30 "$work/models.log"; exit 1; }
+  tail -1 "$work/build.log"; cat "$work/models.log"
   echo "build and models ready"
   ;;
 tests)
@@ -78,6 +94,12 @@ bench)
   cd "$repo"
   python3 -m pipellm_core.frontends.cli bench --device cuda --baseline llamacpp --no-progress \
     --json "$OUT/$name.json" --markdown "$OUT/$name.md" --plot "$OUT/$name.png" "$@" 2>&1 | quiet
+  ;;
+serve-bench)
+  name=$1 file=$2; shift 2
+  cd "$repo"
+  python3 benchmarks/serve_compare.py -m "$file" --llama-server "$work/llama/build/bin/llama-server" \
+    --device cuda --json "$OUT/$name.json" --markdown "$OUT/$name.md" --log "$OUT/$name.log" "$@"
   ;;
 py)
   cd "$repo" && python3 "$@" 2>&1 | quiet

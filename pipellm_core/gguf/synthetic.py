@@ -162,6 +162,22 @@ def q4_k_m_mix(name: str, layer: int, n_layers: int) -> GGMLType | None:
     return GGMLType.Q6_K if more else None
 
 
+# what llama.cpp's quantizer writes instead of a 256-value block type whose blocks do not divide
+# a row (its tensor_type_fallback): Gemma 3 270M's rows of 640 values are Q5_0 in a Q4_K_M file
+FALLBACK_TYPES = {GGMLType.Q2_K: GGMLType.Q4_0, GGMLType.Q3_K: GGMLType.Q4_0, GGMLType.Q4_K: GGMLType.Q5_0,
+                  GGMLType.Q5_K: GGMLType.Q5_1, GGMLType.Q6_K: GGMLType.Q8_0}
+
+
+def fitting_type(qtype: GGMLType, cols: int) -> GGMLType:
+    """`qtype`, or llama.cpp's fallback where its blocks do not divide a row of `cols` values."""
+    if cols % GGML_QUANT_SIZES[qtype][0] == 0:
+        return qtype
+    fallback = FALLBACK_TYPES.get(qtype)
+    if fallback is None or cols % GGML_QUANT_SIZES[fallback][0]:
+        raise ValueError(f"rows of {cols} values cannot be stored as {qtype.name}")
+    return fallback
+
+
 def write_random_gguf(path: str, shape: Shape | str, qtype: T = GGMLType.Q4_0, *, tokenizer_from: str | None,
                       embedding_type: GGMLType | None = None, output_type: GGMLType | None = None,
                       layer_types=None, seed: int = 0, std: float = 0.02, progress: bool = False) -> str:
@@ -169,7 +185,8 @@ def write_random_gguf(path: str, shape: Shape | str, qtype: T = GGMLType.Q4_0, *
     (copied from the GGUF `tokenizer_from`; without one, a placeholder vocabulary of
     `shape.vocab_size` tokens that only pipellm's file reader, not llama.cpp, accepts).
     `layer_types(name, layer, n_layers)` may give another type for one layer matrix
-    (`q4_k_m_mix` mixes types as a Q4_K_M file does)."""
+    (`q4_k_m_mix` mixes types as a Q4_K_M file does). A type whose blocks do not divide a row
+    becomes llama.cpp's fallback (`fitting_type`)."""
     from pipellm_core.progress import progress_bar
 
     shape = SHAPES[shape] if isinstance(shape, str) else shape
@@ -260,6 +277,7 @@ def write_random_gguf(path: str, shape: Shape | str, qtype: T = GGMLType.Q4_0, *
         t = _random_tensor(qt, rows, cols, rng, s)
         return t.reshape(-1) if rows == 1 else t
 
+    plan = [(name, fitting_type(qt, cols), rows, cols, s) for name, qt, rows, cols, s in plan]
     for name, qt, rows, cols, _ in plan:
         block, size = GGML_QUANT_SIZES[qt]
         nbytes = rows * cols // block * size
