@@ -16,6 +16,7 @@ activations rounded to 8 bits per block of 32 (what the kernels multiply).
 """
 
 import argparse
+import os
 import itertools
 import json
 
@@ -64,12 +65,10 @@ def reference(x: torch.Tensor, w_decoded: torch.Tensor, swiglu: bool) -> torch.T
 
 def plan_of(m: int, n_out: int, k: int, qtype) -> dict:
     """The tiles `k_products.matmul` picks for this shape."""
-    if m > k_products.GEMV_MAX_ROWS:
-        return dict(zip(("kernel", "block_m", "block_n", "splits", "num_warps"),
-                        ("tiled", *k_products.tiled_tiles(m, n_out, k // 32))))
-    group_words = 4 if qtype == GGMLType.Q6_K else 8
-    tiles = k_products.gemv_tiles(m, n_out, 32 * (k // 256) // group_words, group_words)
-    return dict(zip(("kernel", "block_n", "block_g", "splits", "num_warps"), ("gemv", *tiles)))
+    kernel, tiles = k_products._plan(m, n_out, k // 256, qtype, False, torch.device("cuda"), None)
+    names = ("block_n", "block_g", "splits", "num_warps") if kernel == "gemv" else \
+        ("block_m", "block_n", "splits", "num_warps")
+    return dict(kernel=kernel, **dict(zip(names, tiles)))
 
 
 # (type, rows, k, swiglu) of a Llama-8B Q4_K_M-mix step: q, k, output, gate/up and the Q4_K
@@ -77,7 +76,7 @@ def plan_of(m: int, n_out: int, k: int, qtype) -> dict:
 SWEEP_SHAPES = [("Q4_K", 4096, 4096, False), ("Q4_K", 1024, 4096, False), ("Q4_K", 28672, 4096, True),
                 ("Q4_K", 4096, 14336, False), ("Q6_K", 1024, 4096, False), ("Q6_K", 4096, 14336, False),
                 ("Q6_K", 49152, 4096, False)]
-SWEEP_ROWS = (1, 2, 4, 8, 16, 32)
+SWEEP_ROWS = tuple(int(m) for m in os.environ.get("SWEEP_ROWS", "1,2,4,8,16,32").split(","))
 
 
 def candidates(m: int, n_out: int, k: int, qtype):
@@ -95,7 +94,8 @@ def candidates(m: int, n_out: int, k: int, qtype):
         for splits in (1, 2, 4, 8):
             for block_n in (16, 32, 64):
                 if nb * 8 // splits >= 16:
-                    tiled.append(("tiled", (16 if m <= 16 else 32, block_n, splits, 4)))
+                    for name in ("dense", "tiled"):
+                        tiled.append((name, (16 if m <= 16 else 32, block_n, splits, 4)))
     out = [k_products._plan(m, n_out, nb, qtype, False, torch.device("cpu"), None)]
     for i in range(max(len(gemv), len(tiled))):  # both kernels get tried within the budget
         out += gemv[i:i + 1] + tiled[i:i + 1]

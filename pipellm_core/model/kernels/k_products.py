@@ -252,11 +252,14 @@ if triton is not None:
 
     @triton.jit
     def _tiled_rows(xq, xd, xs, w8, w32, w16, rm, rows, row_ok, M, row_bytes, b_start, b_end,
-                    QT: tl.constexpr, NB: tl.constexpr, ALIGNED: tl.constexpr,
+                    QT: tl.constexpr, NB: tl.constexpr, ALIGNED: tl.constexpr, DENSE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """[BLOCK_M, BLOCK_N] float32: x rows `rm` times W rows `rows` over blocks [b_start,
-        b_end) of K, one block of 32 values at a time: its quants unpacked into an int8 [32, BLOCK_N] tile in K order
-        (value 4i + b from byte b of word i), multiplied with `tl.dot` into int32, then scaled."""
+        b_end) of K, one block of 32 values at a time: its quants unpacked into a [32, BLOCK_N]
+        tile in K order (value 4i + b from byte b of word i). Integers: an int8 tile multiplied
+        with `tl.dot` into int32, then scaled. DENSE: the tile scaled to fp16 weights and
+        multiplied by the fp16 values of the activations (llama.cpp's dequantize-then-multiply
+        path for larger batches)."""
         m_ok = rm < M
         x_rows = xq + rm[:, None].to(tl.int64) * (NB * 256)
         starts = rows.to(tl.int64) * row_bytes
@@ -269,6 +272,8 @@ if triton is not None:
             r = b % 8
             x = tl.load(x_rows + (b * 32 + k32)[None, :], mask=m_ok[:, None], other=0)
             dx = tl.load(xd + rm * (NB * 8) + b, mask=m_ok, other=0.0)
+            if DENSE:
+                x_values = (x.to(tl.float32) * dx[:, None]).to(tl.float16)
             if QT == 2:
                 h = r // 4
                 qr = r % 4
@@ -278,37 +283,47 @@ if triton is not None:
                                    row_ok[None, :], ALIGNED)
                 low4 = (words[:, None, :] >> (8 * byte + 4 * (qr // 2))[None, :, None]) & 15
                 top2 = (high[:, None, :] >> (8 * byte + 2 * qr)[None, :, None]) & 3
-                w = tl.reshape((low4 | (top2 << 4)) - 32, (32, BLOCK_N)).to(tl.int8)
-                first = (k32 < 16)[None, :]
-                sums_a = tl.dot(tl.where(first, x, 0), w, out_dtype=tl.int32).to(tl.float32)
-                sums_b = tl.dot(tl.where(first, 0, x), w, out_dtype=tl.int32).to(tl.float32)
+                q = tl.reshape((low4 | (top2 << 4)) - 32, (32, BLOCK_N))
                 sc_at = starts + 192 * NB + 16 * u + 8 * h + 2 * qr
                 sc_a = _int8(tl.load(w8 + sc_at, mask=row_ok, other=0))
                 sc_b = _int8(tl.load(w8 + sc_at + 1, mask=row_ok, other=0))
                 d = tl.load(w16 + starts // 2 + 104 * NB + u, mask=row_ok, other=0.0).to(tl.float32)
-                acc += dx[:, None] * d[None, :] * (sc_a[None, :] * sums_a + sc_b[None, :] * sums_b)
+                first = (k32 < 16)[:, None]
+                if DENSE:
+                    w = q.to(tl.float32) * tl.where(first, (d * sc_a)[None, :], (d * sc_b)[None, :])
+                    acc += tl.dot(x_values, w.to(tl.float16))
+                else:
+                    q = q.to(tl.int8)
+                    x_first = (k32 < 16)[None, :]
+                    sums_a = tl.dot(tl.where(x_first, x, 0), q, out_dtype=tl.int32).to(tl.float32)
+                    sums_b = tl.dot(tl.where(x_first, 0, x), q, out_dtype=tl.int32).to(tl.float32)
+                    acc += dx[:, None] * d[None, :] * (sc_a[None, :] * sums_a + sc_b[None, :] * sums_b)
             else:
                 words = _load_words(w8, w32, starts[None, :], (8 * (b // 2) + i)[:, None], row_ok[None, :], ALIGNED)
                 v = (words[:, None, :] >> (8 * byte + 4 * (r % 2))[None, :, None]) & 15
                 if QT == 1:
                     high = _load_words(w8, w32, starts[None, :], (32 * NB + 8 * u + i)[:, None], row_ok[None, :], ALIGNED)
                     v = v | (((high[:, None, :] >> (8 * byte + r)[None, :, None]) & 1) << 4)
-                w = tl.reshape(v, (32, BLOCK_N)).to(tl.int8)
-                sums = tl.dot(x, w, out_dtype=tl.int32).to(tl.float32)
+                q = tl.reshape(v, (32, BLOCK_N))
                 SCALES: tl.constexpr = 128 * NB if QT == 0 else 160 * NB
                 D: tl.constexpr = 70 * NB if QT == 0 else 86 * NB
                 sc, mn = _k4_scale_min(w8, starts + SCALES + 12 * u, r + tl.zeros_like(rows), row_ok)
                 d = tl.load(w16 + starts // 2 + D + u, mask=row_ok, other=0.0).to(tl.float32)
                 dmin = tl.load(w16 + starts // 2 + D + NB + u, mask=row_ok, other=0.0).to(tl.float32)
-                sx = tl.load(xs + rm * (NB * 8) + b, mask=m_ok, other=0.0)
-                acc += dx[:, None] * (d * sc.to(tl.float32))[None, :] * sums
-                acc -= (dx * sx)[:, None] * (dmin * mn.to(tl.float32))[None, :]
+                if DENSE:
+                    w = q.to(tl.float32) * (d * sc.to(tl.float32))[None, :] - (dmin * mn.to(tl.float32))[None, :]
+                    acc += tl.dot(x_values, w.to(tl.float16))
+                else:
+                    sums = tl.dot(x, q.to(tl.int8), out_dtype=tl.int32).to(tl.float32)
+                    sx = tl.load(xs + rm * (NB * 8) + b, mask=m_ok, other=0.0)
+                    acc += dx[:, None] * (d * sc.to(tl.float32))[None, :] * sums
+                    acc -= (dx * sx)[:, None] * (dmin * mn.to(tl.float32))[None, :]
         return acc
 
     @triton.jit
     def _tiled_kernel(xq, xd, xs, w8, w32, w16, out_ptr, M, N, row_bytes, blocks_per_split, stride_os,
                       QT: tl.constexpr, NB: tl.constexpr, ALIGNED: tl.constexpr, SWIGLU: tl.constexpr,
-                      SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                      SPLIT: tl.constexpr, DENSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Programs (row tiles, x row tiles, K splits); SPLIT as in `_gemv_kernel`."""
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -319,10 +334,10 @@ if triton is not None:
         b_start = pid_s * blocks_per_split
         b_end = tl.minimum(b_start + blocks_per_split, NB * 8)
         acc = _tiled_rows(xq, xd, xs, w8, w32, w16, rm, rn, n_ok, M, row_bytes, b_start, b_end,
-                          QT, NB, ALIGNED, BLOCK_M, BLOCK_N)
+                          QT, NB, ALIGNED, DENSE, BLOCK_M, BLOCK_N)
         if SWIGLU:
             up = _tiled_rows(xq, xd, xs, w8, w32, w16, rm, rn + N, n_ok, M, row_bytes, b_start, b_end,
-                             QT, NB, ALIGNED, BLOCK_M, BLOCK_N)
+                             QT, NB, ALIGNED, DENSE, BLOCK_M, BLOCK_N)
         o_ok = (rm < M)[:, None] & n_ok[None, :]
         if SPLIT:
             rows_w = N * 2 if SWIGLU else N
@@ -378,8 +393,8 @@ def tiled_tiles(m: int, n_rows: int, blocks: int) -> tuple[int, int, int, int]:
 
 
 # Tile choices measured per GPU model by `benchmarks/kernel_probe_k.py --sweep`, in the format of
-# `q32_products.TILES_FILE` with keys "gemv|tiled TYPE M rows blocks swiglu" (M a power of two;
-# for up to GEMV_MAX_ROWS rows, a "tiled" entry also means that the tiled kernel won there).
+# `q32_products.TILES_FILE` with keys "KERNEL TYPE M rows blocks swiglu" (KERNEL gemv, tiled or
+# dense, M a power of two); only the kernel that won for a shape has an entry.
 # PIPELLM_K_TILES names another such file. Shapes not in it take the rules above.
 TILES_FILE = Path(__file__).with_name("k_tiles.json")
 
@@ -390,16 +405,17 @@ def tiles_key(kernel: str, qtype, m: int, n_rows: int, blocks: int, swiglu: bool
 
 def _plan(m: int, n_rows: int, nb: int, qtype, swiglu: bool, device: torch.device, kernel: str | None) -> tuple:
     """(kernel, tiles) for this product: the table's entry for this GPU model where it has one,
-    else the rules (the decode kernel up to GEMV_MAX_ROWS rows)."""
+    else the rules: the decode kernel for one or two rows, the dense tiled kernel above (the
+    kernels of llama.cpp choose alike; the decode kernel also serves up to GEMV_MAX_ROWS)."""
     group_words = 4 if qtype == GGMLType.Q6_K else 8
     if device.type == "cuda":
         table = q32_products.tuned_tiles(device.index if device.index is not None else torch.cuda.current_device(),
                                          "PIPELLM_K_TILES", TILES_FILE)
-        for name in ("tiled", "gemv") if kernel is None else (kernel,):
+        for name in ("dense", "tiled", "gemv") if kernel is None else (kernel,):
             hit = table.get(tiles_key(name, qtype, m, n_rows, nb * 8, swiglu))
             if hit:
                 return name, tuple(hit)
-    kernel = kernel or ("gemv" if m <= GEMV_MAX_ROWS else "tiled")
+    kernel = kernel or ("gemv" if m <= 2 else "dense")
     if kernel == "gemv":
         return kernel, gemv_tiles(m, n_rows, 32 * nb // group_words, group_words)
     return kernel, tiled_tiles(m, n_rows, nb * 8)
@@ -459,7 +475,8 @@ def matmul(x, w: torch.Tensor, qtype, n: int, k: int, *, swiglu: bool = False,
                                num_warps=num_warps, **flags)
         else:
             _tiled_kernel[grid](x.q, x.d, x.s, w, w32, w16, target, m, rows, rb, per_split, stride_os,
-                                SPLIT=splits > 1, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags)
+                                SPLIT=splits > 1, DENSE=kernel == "dense", BLOCK_M=block_m, BLOCK_N=block_n,
+                                num_warps=num_warps, **flags)
         if splits > 1:
             sum_splits(part, out, swiglu)
     return out
