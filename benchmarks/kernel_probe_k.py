@@ -141,6 +141,8 @@ def sweep(tiles_path: str, budget: float) -> None:
             results.sort()
             ms, kernel, tiles = results[0]
             rule_ms = next(r[0] for r in results if (r[1], r[2]) == candidates(m, n_out, k, qtype)[0])
+            for name in ("gemv", "tiled", "dense"):  # one entry per shape: the winner's
+                best.pop(k_products.tiles_key(name, qtype, m, n_out, k // 32, swiglu), None)
             best[k_products.tiles_key(kernel, qtype, m, n_out, k // 32, swiglu)] = list(tiles)
             moved = w.numel() + m * k + m * n_out * 2
             print(f"{name} {n:6d}x{k:5d}{' swiglu' if swiglu else '       '} M={m:2d}: best {kernel} {tiles} "
