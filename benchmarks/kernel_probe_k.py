@@ -71,9 +71,9 @@ def plan_of(m: int, n_out: int, k: int, qtype) -> dict:
     return dict(kernel=kernel, **dict(zip(names, tiles)))
 
 
-# (type, rows, k, swiglu) of a Llama-8B Q4_K_M-mix step: q, k, output, gate/up and the Q4_K
-# layers' down (Q4_K); v, the other layers' down and the head (Q6_K)
-SWEEP_SHAPES = [("Q4_K", 4096, 4096, False), ("Q4_K", 1024, 4096, False), ("Q4_K", 28672, 4096, True),
+# (type, rows, k, swiglu) of a Llama-8B Q4_K_M-mix step: q/k/v stacked where v is Q4_K, q, k,
+# output, gate/up and the Q4_K layers' down (Q4_K); v, the other layers' down and the head (Q6_K)
+SWEEP_SHAPES = [("Q4_K", 6144, 4096, False), ("Q4_K", 4096, 4096, False), ("Q4_K", 1024, 4096, False), ("Q4_K", 28672, 4096, True),
                 ("Q4_K", 4096, 14336, False), ("Q6_K", 1024, 4096, False), ("Q6_K", 4096, 14336, False),
                 ("Q6_K", 49152, 4096, False)]
 SWEEP_ROWS = tuple(int(m) for m in os.environ.get("SWEEP_ROWS", "1,2,4,8,16,32").split(","))
@@ -141,8 +141,8 @@ def sweep(tiles_path: str, budget: float) -> None:
             results.sort()
             ms, kernel, tiles = results[0]
             rule_ms = next(r[0] for r in results if (r[1], r[2]) == candidates(m, n_out, k, qtype)[0])
-            for name in ("gemv", "tiled", "dense"):  # one entry per shape: the winner's
-                best.pop(k_products.tiles_key(name, qtype, m, n_out, k // 32, swiglu), None)
+            for other in ("gemv", "tiled", "dense"):  # one entry per shape: the winner's
+                best.pop(k_products.tiles_key(other, qtype, m, n_out, k // 32, swiglu), None)
             best[k_products.tiles_key(kernel, qtype, m, n_out, k // 32, swiglu)] = list(tiles)
             moved = w.numel() + m * k + m * n_out * 2
             print(f"{name} {n:6d}x{k:5d}{' swiglu' if swiglu else '       '} M={m:2d}: best {kernel} {tiles} "

@@ -405,8 +405,8 @@ def tiles_key(kernel: str, qtype, m: int, n_rows: int, blocks: int, swiglu: bool
 
 def _plan(m: int, n_rows: int, nb: int, qtype, swiglu: bool, device: torch.device, kernel: str | None) -> tuple:
     """(kernel, tiles) for this product: the table's entry for this GPU model where it has one,
-    else the rules: the decode kernel for one or two rows, the dense tiled kernel above (the
-    kernels of llama.cpp choose alike; the decode kernel also serves up to GEMV_MAX_ROWS)."""
+    else the rules: the decode kernel up to GEMV_MAX_ROWS rows, the integer tiled kernel above
+    (the dense one serves only where the table names it)."""
     group_words = 4 if qtype == GGMLType.Q6_K else 8
     if device.type == "cuda":
         table = q32_products.tuned_tiles(device.index if device.index is not None else torch.cuda.current_device(),
@@ -415,7 +415,7 @@ def _plan(m: int, n_rows: int, nb: int, qtype, swiglu: bool, device: torch.devic
             hit = table.get(tiles_key(name, qtype, m, n_rows, nb * 8, swiglu))
             if hit:
                 return name, tuple(hit)
-    kernel = kernel or ("gemv" if m <= 2 else "dense")
+    kernel = kernel or ("gemv" if m <= GEMV_MAX_ROWS else "tiled")
     if kernel == "gemv":
         return kernel, gemv_tiles(m, n_rows, 32 * nb // group_words, group_words)
     return kernel, tiled_tiles(m, n_rows, nb * 8)
