@@ -252,14 +252,12 @@ if triton is not None:
 
     @triton.jit
     def _tiled_rows(xq, xd, xs, w8, w32, w16, rm, rows, row_ok, M, row_bytes, b_start, b_end,
-                    QT: tl.constexpr, NB: tl.constexpr, ALIGNED: tl.constexpr, DENSE: tl.constexpr,
+                    QT: tl.constexpr, NB: tl.constexpr, ALIGNED: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """[BLOCK_M, BLOCK_N] float32: x rows `rm` times W rows `rows` over blocks [b_start,
-        b_end) of K, one block of 32 values at a time: its quants unpacked into a [32, BLOCK_N]
-        tile in K order (value 4i + b from byte b of word i). Integers: an int8 tile multiplied
-        with `tl.dot` into int32, then scaled. DENSE: the tile scaled to fp16 weights and
-        multiplied by the fp16 values of the activations (llama.cpp's dequantize-then-multiply
-        path for larger batches)."""
+        b_end) of K, one block of 32 values at a time: its quants unpacked into an int8
+        [32, BLOCK_N] tile in K order (value 4i + b from byte b of word i), multiplied with
+        `tl.dot` into int32, then scaled."""
         m_ok = rm < M
         x_rows = xq + rm[:, None].to(tl.int64) * (NB * 256)
         starts = rows.to(tl.int64) * row_bytes
@@ -272,8 +270,6 @@ if triton is not None:
             r = b % 8
             x = tl.load(x_rows + (b * 32 + k32)[None, :], mask=m_ok[:, None], other=0)
             dx = tl.load(xd + rm * (NB * 8) + b, mask=m_ok, other=0.0)
-            if DENSE:
-                x_values = (x.to(tl.float32) * dx[:, None]).to(tl.float16)
             if QT == 2:
                 h = r // 4
                 qr = r % 4
@@ -283,41 +279,105 @@ if triton is not None:
                                    row_ok[None, :], ALIGNED)
                 low4 = (words[:, None, :] >> (8 * byte + 4 * (qr // 2))[None, :, None]) & 15
                 top2 = (high[:, None, :] >> (8 * byte + 2 * qr)[None, :, None]) & 3
-                q = tl.reshape((low4 | (top2 << 4)) - 32, (32, BLOCK_N))
+                q = tl.reshape((low4 | (top2 << 4)) - 32, (32, BLOCK_N)).to(tl.int8)
+                x_first = (k32 < 16)[None, :]
+                sums_a = tl.dot(tl.where(x_first, x, 0), q, out_dtype=tl.int32).to(tl.float32)
+                sums_b = tl.dot(tl.where(x_first, 0, x), q, out_dtype=tl.int32).to(tl.float32)
                 sc_at = starts + 192 * NB + 16 * u + 8 * h + 2 * qr
                 sc_a = _int8(tl.load(w8 + sc_at, mask=row_ok, other=0))
                 sc_b = _int8(tl.load(w8 + sc_at + 1, mask=row_ok, other=0))
                 d = tl.load(w16 + starts // 2 + 104 * NB + u, mask=row_ok, other=0.0).to(tl.float32)
-                first = (k32 < 16)[:, None]
-                if DENSE:
-                    w = q.to(tl.float32) * tl.where(first, (d * sc_a)[None, :], (d * sc_b)[None, :])
-                    acc += tl.dot(x_values, w.to(tl.float16))
-                else:
-                    q = q.to(tl.int8)
-                    x_first = (k32 < 16)[None, :]
-                    sums_a = tl.dot(tl.where(x_first, x, 0), q, out_dtype=tl.int32).to(tl.float32)
-                    sums_b = tl.dot(tl.where(x_first, 0, x), q, out_dtype=tl.int32).to(tl.float32)
-                    acc += dx[:, None] * d[None, :] * (sc_a[None, :] * sums_a + sc_b[None, :] * sums_b)
+                acc += dx[:, None] * d[None, :] * (sc_a[None, :] * sums_a + sc_b[None, :] * sums_b)
             else:
                 words = _load_words(w8, w32, starts[None, :], (8 * (b // 2) + i)[:, None], row_ok[None, :], ALIGNED)
                 v = (words[:, None, :] >> (8 * byte + 4 * (r % 2))[None, :, None]) & 15
                 if QT == 1:
                     high = _load_words(w8, w32, starts[None, :], (32 * NB + 8 * u + i)[:, None], row_ok[None, :], ALIGNED)
                     v = v | (((high[:, None, :] >> (8 * byte + r)[None, :, None]) & 1) << 4)
-                q = tl.reshape(v, (32, BLOCK_N))
+                sums = tl.dot(x, tl.reshape(v, (32, BLOCK_N)).to(tl.int8), out_dtype=tl.int32).to(tl.float32)
                 SCALES: tl.constexpr = 128 * NB if QT == 0 else 160 * NB
                 D: tl.constexpr = 70 * NB if QT == 0 else 86 * NB
                 sc, mn = _k4_scale_min(w8, starts + SCALES + 12 * u, r + tl.zeros_like(rows), row_ok)
                 d = tl.load(w16 + starts // 2 + D + u, mask=row_ok, other=0.0).to(tl.float32)
                 dmin = tl.load(w16 + starts // 2 + D + NB + u, mask=row_ok, other=0.0).to(tl.float32)
-                if DENSE:
-                    w = q.to(tl.float32) * (d * sc.to(tl.float32))[None, :] - (dmin * mn.to(tl.float32))[None, :]
-                    acc += tl.dot(x_values, w.to(tl.float16))
-                else:
-                    sums = tl.dot(x, q.to(tl.int8), out_dtype=tl.int32).to(tl.float32)
-                    sx = tl.load(xs + rm * (NB * 8) + b, mask=m_ok, other=0.0)
-                    acc += dx[:, None] * (d * sc.to(tl.float32))[None, :] * sums
-                    acc -= (dx * sx)[:, None] * (dmin * mn.to(tl.float32))[None, :]
+                sx = tl.load(xs + rm * (NB * 8) + b, mask=m_ok, other=0.0)
+                acc += dx[:, None] * (d * sc.to(tl.float32))[None, :] * sums
+                acc -= (dx * sx)[:, None] * (dmin * mn.to(tl.float32))[None, :]
+        return acc
+
+    @triton.jit
+    def _x_values(xq, xd, x_rows, xb_rows, m_ok, offs):
+        """fp16 values of the 8-bit activations at K offsets `offs` ([K tile]) of rows x_rows."""
+        q = tl.load(xq + x_rows + offs[None, :], mask=m_ok[:, None], other=0).to(tl.float32)
+        d = tl.load(xd + xb_rows + (offs // 32)[None, :], mask=m_ok[:, None], other=0.0)
+        return (q * d).to(tl.float16)
+
+    @triton.jit
+    def _dense_rows(xq, xd, w8, w32, w16, rm, rows, row_ok, M, row_bytes, u_start, u_end,
+                    QT: tl.constexpr, NB: tl.constexpr, ALIGNED: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """[BLOCK_M, BLOCK_N] float32 over super-blocks [u_start, u_end): each super-block's
+        quant words loaded once, its scales unpacked once per row, its values scaled into fp16
+        weights in the words' own order and multiplied by the activations' fp16 values gathered
+        in that order: one `tl.dot` over K = 256 (Q4_K, Q5_K) or four over K = 64 (Q6_K)."""
+        m_ok = rm < M
+        x_rows = rm[:, None].to(tl.int64) * (NB * 256)
+        xb_rows = rm[:, None] * (NB * 8)
+        starts = rows.to(tl.int64) * row_bytes
+        ok = row_ok[None, None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if QT == 2:
+            p = tl.arange(0, 2)[:, None, None, None, None]
+            ih = tl.arange(0, 2)[None, :, None, None, None]
+            il = tl.arange(0, 4)[None, None, :, None, None]
+            byte = tl.arange(0, 4)[None, None, None, :, None]
+            ih4 = tl.arange(0, 2)[None, :, None, None]
+            il4 = tl.arange(0, 4)[None, None, :, None]
+            word_pos = 8 * tl.arange(0, 2)[:, None, None, None] + 4 * ih4 + il4  # [p, ih, il, 1]
+            high_pos = 4 * ih4 + il4
+            sc_pos = 2 * tl.arange(0, 2)[:, None, None] + tl.arange(0, 2)[None, :, None]  # [p, ih, 1]
+            for u in range(u_start, u_end):
+                d = tl.load(w16 + starts // 2 + 104 * NB + u, mask=row_ok, other=0.0).to(tl.float32)
+                for h in tl.static_range(2):
+                    low_words = _load_words(w8, w32, starts[None, None, None, :], 32 * u + 16 * h + word_pos,
+                                            row_ok[None, None, None, :], ALIGNED)
+                    high_words = _load_words(w8, w32, starts[None, None, None, :], 32 * NB + 16 * u + 8 * h + high_pos,
+                                             row_ok[None, None, None, :], ALIGNED)
+                    for n in tl.static_range(2):
+                        low4 = (low_words[:, :, :, None, :] >> (8 * byte + 4 * n)) & 15
+                        top2 = (high_words[:, :, :, None, :] >> (8 * byte + 2 * p + 4 * n)) & 3
+                        sc = _int8(tl.load(w8 + starts[None, None, :] + 192 * NB + 16 * u + 8 * h + 4 * n + sc_pos,
+                                           mask=ok, other=0))
+                        w = ((low4 | (top2 << 4)) - 32).to(tl.float32) * (sc * d[None, None, :])[:, :, None, None, :]
+                        offs = 256 * u + 128 * h + 64 * n + 32 * p + 16 * ih + 4 * il + byte
+                        x = _x_values(xq, xd, x_rows, xb_rows, m_ok, tl.reshape(offs, (64,)))
+                        acc += tl.dot(x, tl.reshape(w, (64, BLOCK_N)).to(tl.float16))
+        else:
+            c = tl.arange(0, 4)[:, None, None, None, None]
+            i = tl.arange(0, 8)[None, :, None, None, None]
+            byte = tl.arange(0, 4)[None, None, :, None, None]
+            half = tl.arange(0, 2)[None, None, None, :, None]
+            offs = tl.reshape(64 * c + 32 * half + 4 * i + byte, (256,))
+            shift = 8 * byte + 4 * half
+            i3 = tl.arange(0, 8)[None, :, None]
+            word_pos = 8 * tl.arange(0, 4)[:, None, None] + i3  # [c, i, 1]
+            sub = tl.arange(0, 8)[:, None]
+            SCALES: tl.constexpr = 128 * NB if QT == 0 else 160 * NB
+            D: tl.constexpr = 70 * NB if QT == 0 else 86 * NB
+            for u in range(u_start, u_end):
+                words = _load_words(w8, w32, starts[None, None, :], 32 * u + word_pos, ok, ALIGNED)
+                q = (words[:, :, None, None, :] >> shift) & 15
+                if QT == 1:
+                    high = _load_words(w8, w32, starts[None, None, :], 32 * NB + 8 * u + i3, ok, ALIGNED)
+                    q = q | (((high[:, :, None, None, :] >> (8 * byte + 2 * c + half)) & 1) << 4)
+                sc, mn = _k4_scale_min(w8, starts[None, :] + SCALES + 12 * u, sub, row_ok[None, :])
+                d = tl.load(w16 + starts // 2 + D + u, mask=row_ok, other=0.0).to(tl.float32)
+                dmin = tl.load(w16 + starts // 2 + D + NB + u, mask=row_ok, other=0.0).to(tl.float32)
+                a = tl.reshape(sc.to(tl.float32) * d[None, :], (4, 1, 1, 2, BLOCK_N))
+                m = tl.reshape(mn.to(tl.float32) * dmin[None, :], (4, 1, 1, 2, BLOCK_N))
+                w = q.to(tl.float32) * a - m
+                x = _x_values(xq, xd, x_rows, xb_rows, m_ok, offs + 256 * u)
+                acc += tl.dot(x, tl.reshape(w, (256, BLOCK_N)).to(tl.float16))
         return acc
 
     @triton.jit
@@ -331,13 +391,21 @@ if triton is not None:
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
-        b_start = pid_s * blocks_per_split
-        b_end = tl.minimum(b_start + blocks_per_split, NB * 8)
-        acc = _tiled_rows(xq, xd, xs, w8, w32, w16, rm, rn, n_ok, M, row_bytes, b_start, b_end,
-                          QT, NB, ALIGNED, DENSE, BLOCK_M, BLOCK_N)
-        if SWIGLU:
-            up = _tiled_rows(xq, xd, xs, w8, w32, w16, rm, rn + N, n_ok, M, row_bytes, b_start, b_end,
-                             QT, NB, ALIGNED, DENSE, BLOCK_M, BLOCK_N)
+        start = pid_s * blocks_per_split  # blocks of 32, or super-blocks where DENSE
+        if DENSE:
+            end = tl.minimum(start + blocks_per_split, NB)
+            acc = _dense_rows(xq, xd, w8, w32, w16, rm, rn, n_ok, M, row_bytes, start, end,
+                              QT, NB, ALIGNED, BLOCK_M, BLOCK_N)
+            if SWIGLU:
+                up = _dense_rows(xq, xd, w8, w32, w16, rm, rn + N, n_ok, M, row_bytes, start, end,
+                                 QT, NB, ALIGNED, BLOCK_M, BLOCK_N)
+        else:
+            end = tl.minimum(start + blocks_per_split, NB * 8)
+            acc = _tiled_rows(xq, xd, xs, w8, w32, w16, rm, rn, n_ok, M, row_bytes, start, end,
+                              QT, NB, ALIGNED, BLOCK_M, BLOCK_N)
+            if SWIGLU:
+                up = _tiled_rows(xq, xd, xs, w8, w32, w16, rm, rn + N, n_ok, M, row_bytes, start, end,
+                                 QT, NB, ALIGNED, BLOCK_M, BLOCK_N)
         o_ok = (rm < M)[:, None] & n_ok[None, :]
         if SPLIT:
             rows_w = N * 2 if SWIGLU else N
@@ -460,8 +528,9 @@ def matmul(x, w: torch.Tensor, qtype, n: int, k: int, *, swiglu: bool = False,
             grid = (triton.cdiv(rows, block_n), splits)
         else:
             block_m, block_n, splits, num_warps = tiles
-            per_split = -(-nb * 8 // splits)
-            splits = -(-nb * 8 // per_split)
+            units = nb if kernel == "dense" else nb * 8
+            per_split = -(-units // splits)
+            splits = -(-units // per_split)
             grid = (triton.cdiv(rows, block_n), triton.cdiv(m, block_m), splits)
         if splits > 1:
             part = torch.empty(splits, m, n, dtype=torch.float32, device=x.q.device)
