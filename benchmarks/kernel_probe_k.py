@@ -94,8 +94,7 @@ def candidates(m: int, n_out: int, k: int, qtype):
         for splits in (1, 2, 4, 8):
             for block_n in (16, 32, 64):
                 if nb * 8 // splits >= 16:
-                    for name in ("dense", "tiled"):
-                        tiled.append((name, (16 if m <= 16 else 32, block_n, splits, 4)))
+                    tiled.append(("tiled", (16 if m <= 16 else 32, block_n, splits, 4)))
     out = [k_products._plan(m, n_out, nb, qtype, False, torch.device("cpu"), None)]
     for i in range(max(len(gemv), len(tiled))):  # both kernels get tried within the budget
         out += gemv[i:i + 1] + tiled[i:i + 1]
@@ -141,7 +140,7 @@ def sweep(tiles_path: str, budget: float) -> None:
             results.sort()
             ms, kernel, tiles = results[0]
             rule_ms = next(r[0] for r in results if (r[1], r[2]) == candidates(m, n_out, k, qtype)[0])
-            for other in ("gemv", "tiled", "dense"):  # one entry per shape: the winner's
+            for other in ("gemv", "tiled"):  # one entry per shape: the winner's
                 best.pop(k_products.tiles_key(other, qtype, m, n_out, k // 32, swiglu), None)
             best[k_products.tiles_key(kernel, qtype, m, n_out, k // 32, swiglu)] = list(tiles)
             moved = w.numel() + m * k + m * n_out * 2

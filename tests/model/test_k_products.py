@@ -3,7 +3,7 @@ file's bytes back bit for bit and decodes to the same weights; the kernels (Trit
 interpreter on the CPU, in a subprocess; the marked test on a GPU) equal a float64 product of
 the decoded weights and of the activations rounded as llama.cpp rounds them for its CUDA
 products (8 bits per block of 32), within 2e-3 relative L2 (exact integer sums, float32
-scaling, fp16 output; the dense kernel's fp16 weights and activations within the same bound), outputs filled with NaN before the kernels run."""
+scaling, fp16 output), outputs filled with NaN before the kernels run."""
 
 import numpy as np
 import pytest
@@ -97,7 +97,7 @@ def check(cases, sms) -> str:
 # odd count of super-blocks are rows that do not start 4-byte aligned
 SMALL_CASES = [(1, 40, 256, False, None), (1, 33, 768, False, None), (3, 40, 512, True, None),
                (8, 33, 256, False, None), (17, 40, 256, True, None), (9, 33, 512, False, "tiled"),
-               (2, 33, 512, False, "dense"), (12, 40, 512, True, "gemv"), (5, 40, 512, True, "tiled")]
+               (2, 33, 512, False, "tiled"), (12, 40, 512, True, "gemv"), (5, 40, 512, True, "tiled")]
 
 
 def test_matmul_matches_float64_in_the_interpreter():
@@ -121,7 +121,7 @@ def test_decode_tiles_fill_the_gpu_narrowing_rows_first_then_splitting_k(monkeyp
 def test_matmul_split_over_k_in_the_interpreter():
     # 1000 multiprocessors: these small products split K in 2 to 4
     run_in_interpreter(check([(1, 40, 2048, False, None), (2, 24, 2048, True, None),
-                              (12, 24, 2048, True, "tiled"), (12, 24, 2048, True, "dense")], (1000,)))
+                              (12, 24, 2048, True, "tiled")], (1000,)))
 
 
 @pytest.mark.gpu

@@ -306,84 +306,9 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _x_values(xq, xd, x_rows, xb_rows, m_ok, offs):
-        """fp16 values of the 8-bit activations at K offsets `offs` ([K tile]) of rows x_rows."""
-        q = tl.load(xq + x_rows + offs[None, :], mask=m_ok[:, None], other=0).to(tl.float32)
-        d = tl.load(xd + xb_rows + (offs // 32)[None, :], mask=m_ok[:, None], other=0.0)
-        return (q * d).to(tl.float16)
-
-    @triton.jit
-    def _dense_rows(xq, xd, w8, w32, w16, rm, rows, row_ok, M, row_bytes, u_start, u_end,
-                    QT: tl.constexpr, NB: tl.constexpr, ALIGNED: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """[BLOCK_M, BLOCK_N] float32 over super-blocks [u_start, u_end): each super-block's
-        quant words loaded once, its scales unpacked once per row, its values scaled into fp16
-        weights in the words' own order and multiplied by the activations' fp16 values gathered
-        in that order: one `tl.dot` over K = 256 (Q4_K, Q5_K) or four over K = 64 (Q6_K)."""
-        m_ok = rm < M
-        x_rows = rm[:, None].to(tl.int64) * (NB * 256)
-        xb_rows = rm[:, None] * (NB * 8)
-        starts = rows.to(tl.int64) * row_bytes
-        ok = row_ok[None, None, :]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if QT == 2:
-            p = tl.arange(0, 2)[:, None, None, None, None]
-            ih = tl.arange(0, 2)[None, :, None, None, None]
-            il = tl.arange(0, 4)[None, None, :, None, None]
-            byte = tl.arange(0, 4)[None, None, None, :, None]
-            ih4 = tl.arange(0, 2)[None, :, None, None]
-            il4 = tl.arange(0, 4)[None, None, :, None]
-            word_pos = 8 * tl.arange(0, 2)[:, None, None, None] + 4 * ih4 + il4  # [p, ih, il, 1]
-            high_pos = 4 * ih4 + il4
-            sc_pos = 2 * tl.arange(0, 2)[:, None, None] + tl.arange(0, 2)[None, :, None]  # [p, ih, 1]
-            for u in range(u_start, u_end):
-                d = tl.load(w16 + starts // 2 + 104 * NB + u, mask=row_ok, other=0.0).to(tl.float32)
-                for h in tl.static_range(2):
-                    low_words = _load_words(w8, w32, starts[None, None, None, :], 32 * u + 16 * h + word_pos,
-                                            row_ok[None, None, None, :], ALIGNED)
-                    high_words = _load_words(w8, w32, starts[None, None, None, :], 32 * NB + 16 * u + 8 * h + high_pos,
-                                             row_ok[None, None, None, :], ALIGNED)
-                    for n in tl.static_range(2):
-                        low4 = (low_words[:, :, :, None, :] >> (8 * byte + 4 * n)) & 15
-                        top2 = (high_words[:, :, :, None, :] >> (8 * byte + 2 * p + 4 * n)) & 3
-                        sc = _int8(tl.load(w8 + starts[None, None, :] + 192 * NB + 16 * u + 8 * h + 4 * n + sc_pos,
-                                           mask=ok, other=0))
-                        w = ((low4 | (top2 << 4)) - 32).to(tl.float32) * (sc * d[None, None, :])[:, :, None, None, :]
-                        offs = 256 * u + 128 * h + 64 * n + 32 * p + 16 * ih + 4 * il + byte
-                        x = _x_values(xq, xd, x_rows, xb_rows, m_ok, tl.reshape(offs, (64,)))
-                        acc += tl.dot(x, tl.reshape(w, (64, BLOCK_N)).to(tl.float16))
-        else:
-            c = tl.arange(0, 4)[:, None, None, None, None]
-            i = tl.arange(0, 8)[None, :, None, None, None]
-            byte = tl.arange(0, 4)[None, None, :, None, None]
-            half = tl.arange(0, 2)[None, None, None, :, None]
-            offs = tl.reshape(64 * c + 32 * half + 4 * i + byte, (256,))
-            shift = 8 * byte + 4 * half
-            i3 = tl.arange(0, 8)[None, :, None]
-            word_pos = 8 * tl.arange(0, 4)[:, None, None] + i3  # [c, i, 1]
-            sub = tl.arange(0, 8)[:, None]
-            SCALES: tl.constexpr = 128 * NB if QT == 0 else 160 * NB
-            D: tl.constexpr = 70 * NB if QT == 0 else 86 * NB
-            for u in range(u_start, u_end):
-                words = _load_words(w8, w32, starts[None, None, :], 32 * u + word_pos, ok, ALIGNED)
-                q = (words[:, :, None, None, :] >> shift) & 15
-                if QT == 1:
-                    high = _load_words(w8, w32, starts[None, None, :], 32 * NB + 8 * u + i3, ok, ALIGNED)
-                    q = q | (((high[:, :, None, None, :] >> (8 * byte + 2 * c + half)) & 1) << 4)
-                sc, mn = _k4_scale_min(w8, starts[None, :] + SCALES + 12 * u, sub, row_ok[None, :])
-                d = tl.load(w16 + starts // 2 + D + u, mask=row_ok, other=0.0).to(tl.float32)
-                dmin = tl.load(w16 + starts // 2 + D + NB + u, mask=row_ok, other=0.0).to(tl.float32)
-                a = tl.reshape(sc.to(tl.float32) * d[None, :], (4, 1, 1, 2, BLOCK_N))
-                m = tl.reshape(mn.to(tl.float32) * dmin[None, :], (4, 1, 1, 2, BLOCK_N))
-                w = q.to(tl.float32) * a - m
-                x = _x_values(xq, xd, x_rows, xb_rows, m_ok, offs + 256 * u)
-                acc += tl.dot(x, tl.reshape(w, (256, BLOCK_N)).to(tl.float16))
-        return acc
-
-    @triton.jit
     def _tiled_kernel(xq, xd, xs, w8, w32, w16, out_ptr, M, N, row_bytes, blocks_per_split, stride_os,
                       QT: tl.constexpr, NB: tl.constexpr, ALIGNED: tl.constexpr, SWIGLU: tl.constexpr,
-                      SPLIT: tl.constexpr, DENSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                      SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Programs (row tiles, x row tiles, K splits); SPLIT as in `_gemv_kernel`."""
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -391,21 +316,13 @@ if triton is not None:
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
-        start = pid_s * blocks_per_split  # blocks of 32, or super-blocks where DENSE
-        if DENSE:
-            end = tl.minimum(start + blocks_per_split, NB)
-            acc = _dense_rows(xq, xd, w8, w32, w16, rm, rn, n_ok, M, row_bytes, start, end,
-                              QT, NB, ALIGNED, BLOCK_M, BLOCK_N)
-            if SWIGLU:
-                up = _dense_rows(xq, xd, w8, w32, w16, rm, rn + N, n_ok, M, row_bytes, start, end,
-                                 QT, NB, ALIGNED, BLOCK_M, BLOCK_N)
-        else:
-            end = tl.minimum(start + blocks_per_split, NB * 8)
-            acc = _tiled_rows(xq, xd, xs, w8, w32, w16, rm, rn, n_ok, M, row_bytes, start, end,
-                              QT, NB, ALIGNED, BLOCK_M, BLOCK_N)
-            if SWIGLU:
-                up = _tiled_rows(xq, xd, xs, w8, w32, w16, rm, rn + N, n_ok, M, row_bytes, start, end,
-                                 QT, NB, ALIGNED, BLOCK_M, BLOCK_N)
+        b_start = pid_s * blocks_per_split
+        b_end = tl.minimum(b_start + blocks_per_split, NB * 8)
+        acc = _tiled_rows(xq, xd, xs, w8, w32, w16, rm, rn, n_ok, M, row_bytes, b_start, b_end,
+                          QT, NB, ALIGNED, BLOCK_M, BLOCK_N)
+        if SWIGLU:
+            up = _tiled_rows(xq, xd, xs, w8, w32, w16, rm, rn + N, n_ok, M, row_bytes, b_start, b_end,
+                             QT, NB, ALIGNED, BLOCK_M, BLOCK_N)
         o_ok = (rm < M)[:, None] & n_ok[None, :]
         if SPLIT:
             rows_w = N * 2 if SWIGLU else N
@@ -461,8 +378,8 @@ def tiled_tiles(m: int, n_rows: int, blocks: int) -> tuple[int, int, int, int]:
 
 
 # Tile choices measured per GPU model by `benchmarks/kernel_probe_k.py --sweep`, in the format of
-# `q32_products.TILES_FILE` with keys "KERNEL TYPE M rows blocks swiglu" (KERNEL gemv, tiled or
-# dense, M a power of two); only the kernel that won for a shape has an entry.
+# `q32_products.TILES_FILE` with keys "KERNEL TYPE M rows blocks swiglu" (KERNEL gemv or tiled,
+# M a power of two); only the kernel that won for a shape has an entry.
 # PIPELLM_K_TILES names another such file. Shapes not in it take the rules above.
 TILES_FILE = Path(__file__).with_name("k_tiles.json")
 
@@ -473,13 +390,12 @@ def tiles_key(kernel: str, qtype, m: int, n_rows: int, blocks: int, swiglu: bool
 
 def _plan(m: int, n_rows: int, nb: int, qtype, swiglu: bool, device: torch.device, kernel: str | None) -> tuple:
     """(kernel, tiles) for this product: the table's entry for this GPU model where it has one,
-    else the rules: the decode kernel up to GEMV_MAX_ROWS rows, the integer tiled kernel above
-    (the dense one serves only where the table names it)."""
+    else the rules: the decode kernel up to GEMV_MAX_ROWS rows, the tiled kernel above."""
     group_words = 4 if qtype == GGMLType.Q6_K else 8
     if device.type == "cuda":
         table = q32_products.tuned_tiles(device.index if device.index is not None else torch.cuda.current_device(),
                                          "PIPELLM_K_TILES", TILES_FILE)
-        for name in ("dense", "tiled", "gemv") if kernel is None else (kernel,):
+        for name in ("tiled", "gemv") if kernel is None else (kernel,):
             hit = table.get(tiles_key(name, qtype, m, n_rows, nb * 8, swiglu))
             if hit:
                 return name, tuple(hit)
@@ -528,9 +444,8 @@ def matmul(x, w: torch.Tensor, qtype, n: int, k: int, *, swiglu: bool = False,
             grid = (triton.cdiv(rows, block_n), splits)
         else:
             block_m, block_n, splits, num_warps = tiles
-            units = nb if kernel == "dense" else nb * 8
-            per_split = -(-units // splits)
-            splits = -(-units // per_split)
+            per_split = -(-nb * 8 // splits)
+            splits = -(-nb * 8 // per_split)
             grid = (triton.cdiv(rows, block_n), triton.cdiv(m, block_m), splits)
         if splits > 1:
             part = torch.empty(splits, m, n, dtype=torch.float32, device=x.q.device)
@@ -544,8 +459,7 @@ def matmul(x, w: torch.Tensor, qtype, n: int, k: int, *, swiglu: bool = False,
                                num_warps=num_warps, **flags)
         else:
             _tiled_kernel[grid](x.q, x.d, x.s, w, w32, w16, target, m, rows, rb, per_split, stride_os,
-                                SPLIT=splits > 1, DENSE=kernel == "dense", BLOCK_M=block_m, BLOCK_N=block_n,
-                                num_warps=num_warps, **flags)
+                                SPLIT=splits > 1, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags)
         if splits > 1:
             sum_splits(part, out, swiglu)
     return out
