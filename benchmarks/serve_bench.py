@@ -11,9 +11,9 @@ time to first token (the first event that carries text), median and p99.
         --json out.json --markdown out.md
 
 Prompts go as token ids, so every server reads the same tokens. Requests ask to ignore the end
-of generation (`ignore_eos`, which llama-server reads and pipellm, which does not know it,
-ignores): the rows give the tokens each server actually generated (its `usage`, else one per
-event with text), and tok/s counts those.
+of generation (`ignore_eos`, which llama-server and `pipellm serve` read); the rows still give
+the tokens each server actually generated (its `usage`, else one per event with text), and
+tok/s counts those.
 """
 
 from __future__ import annotations

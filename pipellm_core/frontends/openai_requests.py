@@ -57,6 +57,7 @@ class GenerationRequest:
     stop: list[str]
     stream: bool
     include_usage_chunk: bool
+    ignore_eos: bool = False  # llama-server's extension: generate max_tokens whatever the model says
 
 
 _MISSING = object()
@@ -194,9 +195,11 @@ def parse_generation(body, *, chat: bool, defaults: SamplingDefaults) -> Generat
     repeat_penalty = _in_range("repeat_penalty", _field(body, "repeat_penalty", _is_number, "a number",
                                                         defaults.repeat_penalty), 0, None, low_open=True)
     seed = _field(body, "seed", _is_int, "an integer", defaults.seed)
+    ignore_eos = _field(body, "ignore_eos", lambda v: isinstance(v, bool), "a boolean", False)
     return GenerationRequest(
         chat=chat, model=model,
         prompt=None if chat else _prompt(body), messages=_messages(body) if chat else None,
         max_tokens=max_tokens, temperature=float(temperature), top_k=top_k, top_p=float(top_p),
         min_p=float(min_p), repeat_penalty=float(repeat_penalty), seed=seed,
-        stop=_stop(body, defaults.stop), stream=stream, include_usage_chunk=include_usage)
+        stop=_stop(body, defaults.stop), stream=stream, include_usage_chunk=include_usage,
+        ignore_eos=ignore_eos)

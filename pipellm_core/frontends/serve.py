@@ -226,7 +226,8 @@ def create_app(settings: ServeSettings) -> Starlette:
             tokens = prompt_tokens(g)
             params = SamplingParams(g.temperature, g.top_k, g.top_p, g.min_p, g.repeat_penalty, seed=g.seed)
             stream = TextStream(asyncio.get_running_loop(), state.llm.tokenizer, g.stop)
-            job = Job(Request(tokens, g.max_tokens, params), stream.on_token, stream.on_end)
+            request = Request(tokens, g.max_tokens, params, ignore_eos=g.ignore_eos)
+            job = Job(request, stream.on_token, stream.on_end)
             try:
                 state.loop.submit(job)
             except ContextLengthError as e:
