@@ -34,6 +34,7 @@ def generate_in_groups(engine, requests: Iterable[Request], n_groups: int) -> It
     outbox: list[tuple[Request, int]] = []
     stats = engine.stats
     prefill_seconds = 0.0
+    prefill_busy: list[float] | None = None
 
     def release(req: Request) -> None:
         engine.release_slot(req.slot)
@@ -41,7 +42,7 @@ def generate_in_groups(engine, requests: Iterable[Request], n_groups: int) -> It
         free.sort()
 
     def admit() -> None:
-        nonlocal prefill_seconds
+        nonlocal prefill_seconds, prefill_busy
         admitted = []
         while pending and free:
             req = pending.popleft()
@@ -56,6 +57,8 @@ def generate_in_groups(engine, requests: Iterable[Request], n_groups: int) -> It
         stats.prefill_tokens += sum(len(r.prompt_tokens) for r in admitted)
         stats.prefill_seconds += t.seconds
         prefill_seconds += t.seconds
+        if t.busy is not None:
+            prefill_busy = [a + b for a, b in zip(prefill_busy or [0.0] * len(t.busy), t.busy)]
         for req, tok in zip(admitted, picks):
             if req.max_tokens <= 0:
                 req.finish_reason = "length"
@@ -105,3 +108,5 @@ def generate_in_groups(engine, requests: Iterable[Request], n_groups: int) -> It
         while outbox:
             yield outbox.pop(0)
     stats.decode_seconds += total.seconds - prefill_seconds
+    if total.busy is not None:
+        stats.add_stage_busy([a - b for a, b in zip(total.busy, prefill_busy or [0.0] * len(total.busy))])

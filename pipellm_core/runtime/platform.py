@@ -82,6 +82,11 @@ class Platform:
     def synchronize_stage(self, stage: int) -> None:
         """The host waits for the work queued so far on the GPU of `stage` (and nothing else)."""
 
+    def stage_busy_seconds(self) -> list[float] | None:
+        """Seconds each stage's GPU has computed so far, all added up, where the platform can
+        tell; None on the CPU and on CUDA (a GPU's busy time needs a profiler there)."""
+        return None
+
     # --- side streams, events, copies ---------------------------------------------------------
 
     def copy_queue(self, name: str) -> "CopyQueue":

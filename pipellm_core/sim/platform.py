@@ -97,7 +97,12 @@ class SimPlatform(Platform):
         c.copy(c.stream, "hidden state", hidden_numel * c.float_bytes, "peer")
 
     def step_timer(self):
-        return VirtualTimer(self.runtime)
+        return VirtualTimer(self.runtime, self.stage_busy_seconds)
+
+    def stage_busy_seconds(self) -> list[float]:
+        """Time queued so far on the compute stream of each stage's virtual GPU."""
+        return [self.runtime.device(self.layer_gpu[layers[0]]).default_stream.busy_seconds
+                for layers in self.engine.plan.stages]
 
     def synchronize_stage(self, stage: int) -> None:
         self.runtime.synchronize(self.layer_gpu[self.engine.plan.stages[stage][0]])
