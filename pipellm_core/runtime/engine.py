@@ -179,8 +179,8 @@ class Engine(ContinuousBatcher):
 
     def decode_stage(self, stage: int, batch: StepBatch, hidden: torch.Tensor | None):
         """One stage's decode step for one micro-batch, inside `running()`: the platform enters
-        the stage, then the `decode` hooks answer."""
-        self.platform.enter_stage(stage)
+        the stage (the hidden state moves to its GPU), then the `decode` hooks answer."""
+        hidden = self.platform.enter_stage(stage, hidden)
         return self.pm.hook.decode(engine=self, stage=stage, batch=batch, hidden=hidden)
 
     def prefill(self, prompts: list[list[int]], slots: list[int], all_logits: bool = False):

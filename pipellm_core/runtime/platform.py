@@ -9,7 +9,8 @@ the plugins call these and never ask which platform they are on; the sim's imple
 
 The engine calls the platform at fixed points: `place` once the weights and the KV cache are
 loaded, `running` around every forward pass, `enter_stage` before each stage's decode step (or
-its capture) and `enter_layer` before each layer.
+its capture; it hands the hidden state over to the stage's GPU) and `enter_layer` before each
+layer.
 """
 
 from __future__ import annotations
@@ -69,8 +70,10 @@ class Platform:
         """Context of every forward pass (prefill, decode step, graph capture)."""
         return contextlib.nullcontext()
 
-    def enter_stage(self, stage: int) -> None:
-        """Before a stage's decode step or its capture, inside `running()`."""
+    def enter_stage(self, stage: int, hidden: torch.Tensor | None) -> torch.Tensor | None:
+        """Before a stage's decode step or its capture, inside `running()`: the hidden state
+        from the stage before (None at the first stage), as the stage reads it."""
+        return hidden
 
     def enter_layer(self, layer: int, hidden: torch.Tensor) -> None:
         """Before layer `layer` runs on `hidden`, inside `running()`."""
@@ -145,6 +148,7 @@ class CudaPlatform(Platform):
     def __init__(self, device: str):
         super().__init__(device)
         self.compute_streams: dict[str, torch.cuda.Stream] = {}
+        self.hand_over_streams: dict[str, torch.cuda.Stream] = {}  # per GPU: decode steps' hidden states between stages
         self._pools: dict[int, CudaGraphPool] = {}
 
     @property
@@ -177,6 +181,31 @@ class CudaPlatform(Platform):
             for device, stream in sorted(self.compute_streams.items(), key=lambda kv: kv[0] == self.device):
                 stack.enter_context(_on_stream(stream))
             yield
+
+    def enter_stage(self, stage: int, hidden: torch.Tensor | None) -> torch.Tensor | None:
+        """A stage after the first receives the hidden state between the two GPUs' hand-over
+        streams, ordered by events: the sending one waits for the sending compute stream, the
+        receiving compute stream waits for the receiving one. The copy is a peer copy where the
+        GPUs allow it; otherwise the CUDA driver stages it through host memory."""
+        device = torch.device(self.engine.stage_device(stage))
+        if hidden is None or hidden.device == device:
+            return hidden
+        sending, receiving = self._hand_over_stream(hidden.device), self._hand_over_stream(device)
+        sending.wait_stream(self.compute_stream(hidden.device))
+        # a copy between devices runs on the source's current stream, in a two-way barrier with
+        # the destination's: both are hand-over streams, so neither compute stream is held up
+        with torch.cuda.stream(sending), torch.cuda.stream(receiving):
+            moved = hidden.to(device, non_blocking=True)
+        hidden.record_stream(sending)
+        moved.record_stream(self.compute_stream(device))
+        self.compute_stream(device).wait_stream(receiving)
+        return moved
+
+    def _hand_over_stream(self, device) -> torch.cuda.Stream:
+        key = str(torch.device(device))
+        if key not in self.hand_over_streams:
+            self.hand_over_streams[key] = torch.cuda.Stream(key)
+        return self.hand_over_streams[key]
 
     def synchronize_stage(self, stage: int) -> None:
         self.compute_stream(self.engine.stage_device(stage)).synchronize()

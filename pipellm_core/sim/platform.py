@@ -1,9 +1,11 @@
 """The sim backend as a `Platform`: the math runs on the CPU, the time and memory are charged to
 `n_devices` virtual GPUs of a profile.
 
-The layers of pipeline stage s are charged to virtual GPU s (modulo their number). Crossing from
-one virtual GPU to the next waits for the work queued so far on the previous one and receives the
-hidden state, as a copy between CUDA devices orders their current streams.
+The layers of pipeline stage s are charged to virtual GPU s (modulo their number). A decode
+step's hidden state moves to the next stage's GPU on that GPU's hand-over stream, ordered by
+events (`hand_over`); within a prefill, which runs every layer in one pass, crossing to the next
+GPU waits for the work queued so far on the previous one and copies on the compute stream, as a
+plain copy between CUDA devices orders their current streams.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 from pipellm_core.model.kernels import quant_matmul
 from pipellm_core.runtime.platform import CopyQueue, Platform
 from pipellm_core.sim.graph import SimGraph, SimGraphPool
+from pipellm_core.sim.hand_over import hand_over
 from pipellm_core.sim.op_costs import SimOpCosting
 from pipellm_core.sim.runtime import SimRuntime
 from pipellm_core.sim.timer import VirtualTimer
@@ -70,18 +73,17 @@ class SimPlatform(Platform):
         self.costing.device = self.layer_gpu[0]
         return self.costing
 
-    def enter_stage(self, stage: int) -> None:
+    def enter_stage(self, stage: int, hidden):
         """Its virtual GPU becomes the one charged; a stage after the first receives its
-        micro-batch's hidden state from the stage before."""
-        plan = self.engine.plan
-        first = plan.stages[stage][0]
-        if stage == 0:
-            self.costing.device = self.layer_gpu[first]
-            return
-        prev = plan.stages[stage - 1][-1]
-        self.costing.device = self.layer_gpu[prev]
-        rows = self.engine.max_batch  # the hidden state's size only sets the copy's (tiny) cost
-        self._switch(self.layer_gpu[first], rows * self.engine.config.n_embd)
+        micro-batch's hidden state from the stage before on its GPU's hand-over stream."""
+        stages = self.engine.plan.stages
+        index = self.layer_gpu[stages[stage][0]]
+        if stage > 0 and hidden is not None:
+            sender = self.layer_gpu[stages[stage - 1][-1]]
+            if sender != index:
+                hand_over(self.costing, sender, index, stage, hidden.numel() * self.costing.float_bytes)
+        self.costing.device = index
+        return hidden
 
     def enter_layer(self, layer: int, hidden) -> None:
         self._switch(self.layer_gpu[layer], hidden.numel())

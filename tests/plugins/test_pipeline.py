@@ -180,3 +180,50 @@ def test_group_options(model):
     with pytest.raises(PluginError, match="at least 1"):
         Engine(model, sim="h100", sim_devices=2, plugins=["pipeline"], progress=False,
                plugin_options={"pipeline.groups": 0})
+
+
+def test_busy_and_bubble_fractions_of_the_stages(model):
+    """The decode's busy share of each stage's virtual GPU: in a plain layer split the GPUs take
+    turns (their shares add up to at most the whole); groups in flight leave a smaller bubble.
+    This model's steps are far shorter than the host's work around them (graph captures
+    included), so the shares are small either way."""
+    _, split = generate_joining(model, sim="h100", sim_devices=2, plugins=["pipeline", "graphs"])
+    _, ring = generate_joining(model, sim="h100", sim_devices=2, plugins=["pipeline", "graphs"],
+                               plugin_options={"pipeline.groups": 2})
+    for engine in (split, ring):
+        busy = engine.stats.stage_busy_fractions
+        assert len(busy) == 2 and all(0.0 < b <= 1.0 for b in busy)
+        assert engine.stats.bubble_fraction == pytest.approx(1.0 - sum(busy) / 2)
+    assert sum(split.stats.stage_busy_fractions) <= 1.0 + 1e-9
+    assert ring.stats.bubble_fraction < split.stats.bubble_fraction
+
+
+def test_trace_has_a_track_per_virtual_gpu_and_copy_stream(model):
+    """Each decode step's hidden state crosses to GPU 1 on its hand-over stream: one copy per
+    group step on that track (a prefill's crossing, within its one pass, is on the compute track)."""
+    _, engine = generate_joining(model, sim="h100", sim_devices=2, plugins=["pipeline", "graphs"],
+                                 plugin_options={"pipeline.groups": 2})
+    events = engine.sim.trace.events()
+    processes = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name"}
+    tracks = {(e["pid"], e["tid"]): e["args"]["name"] for e in events if e.get("name") == "thread_name"}
+    assert processes == {0: "GPU 0 (h100)", 1: "GPU 1 (h100)", 2: "host"}
+    assert {name for (pid, _), name in tracks.items() if pid == 1} == {"compute", "hand-over"}
+    hand_over = [e for e in events if e.get("ph") == "X" and e["pid"] == 1 and tracks[(1, e["tid"])] == "hand-over"]
+    assert {e["name"] for e in hand_over} == {"hidden state"}
+    assert len(hand_over) == engine.stats.decode_steps
+
+
+def test_a_hand_over_missing_an_event_is_a_hazard(model, monkeypatch):
+    """The hazard checks run on every sim run: a hand-over copy not waiting for the stage before,
+    or a stage not waiting for its copy, ends the run with a HazardError."""
+    from pipellm_core.errors import HazardError
+    from pipellm_core.sim.op_costs import SimOpCosting
+
+    wait = SimOpCosting.wait
+    for skipped, buffer in ((lambda stream, event: stream.name == "hand-over", "stage output"),
+                            (lambda stream, event: event.stream.name == "hand-over", "stage input")):
+        monkeypatch.setattr(SimOpCosting, "wait", lambda self, stream, event, skipped=skipped:
+                            None if skipped(stream, event) else wait(self, stream, event))
+        with pytest.raises(HazardError, match=buffer):
+            generate_joining(model, sim="h100", sim_devices=2, plugins=["pipeline"],
+                             plugin_options={"pipeline.groups": 2})
