@@ -152,7 +152,8 @@ def _add_engine_options(parser) -> None:
                         help="prefetch plugin: GPU memory the model may use, e.g. 6GiB; layers beyond it "
                              "stream from pinned host memory (default: the GPU's free memory). "
                              "pipeline plugin: a list, one budget per stage, e.g. 24GiB,16GiB: each "
-                             "stage's share of the layers follows its budget")
+                             "stage's share of the layers follows its budget (with prefetch too, each "
+                             "stage streams what exceeds its budget)")
     parser.add_argument("-O", "--plugin-option", action="append", default=[], metavar="PLUGIN.KEY=VALUE",
                         help="a setting for a plugin (repeatable)")
 

@@ -60,9 +60,11 @@ class Platform:
         are charged instead (`Transformer.charge_kernels`)."""
         return None
 
-    def buffer(self, nbytes: int, tag: str) -> torch.Tensor:
-        """A byte buffer on the engine's GPU that a plugin holds for the engine's lifetime."""
-        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+    def buffer(self, nbytes: int, tag: str, stage: int = 0) -> torch.Tensor:
+        """A byte buffer on the GPU of pipeline stage `stage` (the engine's GPU without a
+        pipeline) that a plugin holds for the engine's lifetime."""
+        device = self.engine.stage_device(stage) if self.engine is not None else self.device
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
 
     # --- every forward pass -------------------------------------------------------------------
 
@@ -92,8 +94,9 @@ class Platform:
 
     # --- side streams, events, copies ---------------------------------------------------------
 
-    def copy_queue(self, name: str) -> "CopyQueue":
-        """A stream for copies from pinned host memory into the engine's GPU, beside compute."""
+    def copy_queue(self, name: str, stage: int = 0) -> "CopyQueue":
+        """A stream for copies from pinned host memory into the GPU of pipeline stage `stage`
+        (the engine's GPU without a pipeline), beside that GPU's compute stream."""
         raise PipeLLMError("the CPU platform has no device to copy to")
 
     # --- graphs -------------------------------------------------------------------------------
@@ -210,8 +213,8 @@ class CudaPlatform(Platform):
     def synchronize_stage(self, stage: int) -> None:
         self.compute_stream(self.engine.stage_device(stage)).synchronize()
 
-    def copy_queue(self, name: str) -> "CopyQueue":
-        return CudaCopyQueue(self.device)
+    def copy_queue(self, name: str, stage: int = 0) -> "CopyQueue":
+        return CudaCopyQueue(self.engine.stage_device(stage))
 
     @property
     def can_capture_graphs(self) -> bool:

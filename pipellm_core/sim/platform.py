@@ -64,8 +64,8 @@ class SimPlatform(Platform):
         off): charge those, not the torch operations the CPU computes the same layer with."""
         return self.costing.as_kernels if quant_matmul.ENABLED else None
 
-    def buffer(self, nbytes: int, tag: str):
-        self.runtime.device(self.layer_gpu[0]).allocate(nbytes, tag)
+    def buffer(self, nbytes: int, tag: str, stage: int = 0):
+        self.runtime.device(self._stage_gpu(stage)).allocate(nbytes, tag)
         return torch.empty(nbytes, dtype=torch.uint8)
 
     def running(self):
@@ -109,8 +109,11 @@ class SimPlatform(Platform):
     def synchronize_stage(self, stage: int) -> None:
         self.runtime.synchronize(self.layer_gpu[self.engine.plan.stages[stage][0]])
 
-    def copy_queue(self, name: str) -> "SimCopyQueue":
-        return SimCopyQueue(self.costing, self.runtime.device(self.layer_gpu[0]), name)
+    def copy_queue(self, name: str, stage: int = 0) -> "SimCopyQueue":
+        return SimCopyQueue(self.costing, self.runtime.device(self._stage_gpu(stage)), name)
+
+    def _stage_gpu(self, stage: int) -> int:
+        return self.layer_gpu[self.engine.plan.stages[stage][0]]
 
     @property
     def can_capture_graphs(self) -> bool:
@@ -127,11 +130,13 @@ class SimPlatform(Platform):
 
 
 class SimCopyQueue(CopyQueue):
-    """Copies on a second stream of a virtual GPU: the data moves on the CPU for real,
-    uncharged, and the virtual GPU is charged a copy of the same bytes over its host link."""
+    """Copies on a second stream of a virtual GPU, ordered against that GPU's compute stream:
+    the data moves on the CPU for real, uncharged, and the virtual GPU is charged a copy of the
+    same bytes over its host link."""
 
     def __init__(self, costing: SimOpCosting, device, name: str):
         self.costing = costing
+        self.compute_stream = device.default_stream
         self.copy_stream = device.stream(name)
         self.runtime = device.runtime
 
@@ -139,7 +144,7 @@ class SimCopyQueue(CopyQueue):
         return self.runtime.event()
 
     def mark_compute(self, event) -> None:
-        self.costing.record(self.costing.stream, event)
+        self.costing.record(self.compute_stream, event)
 
     def copy(self, dst, src, after, ready, name, buffer) -> None:
         with self.costing.uncharged():
@@ -150,8 +155,8 @@ class SimCopyQueue(CopyQueue):
         c.record(self.copy_stream, ready)
 
     def compute_waits(self, event, buffer) -> None:
-        self.costing.wait(self.costing.stream, event)
-        self.costing.touch(self.costing.stream, reads=[buffer])
+        self.costing.wait(self.compute_stream, event)
+        self.costing.touch(self.compute_stream, reads=[buffer])
 
     def compute_done_with(self, buffer) -> None:
-        self.costing.touch(self.costing.stream, reads=[buffer])
+        self.costing.touch(self.compute_stream, reads=[buffer])

@@ -105,7 +105,7 @@ def test_bad_stage_counts(model):
     with pytest.raises(PluginError, match="3 stages asked for, but 2 GPU"):
         Engine(model, sim="h100", sim_devices=2, plugins=["pipeline"], progress=False,
                plugin_options={"pipeline.stages": 3})
-    with pytest.raises(PluginError, match="not supported yet"):
+    with pytest.raises(PluginError, match="resident_layers counts layers of one GPU"):
         Engine(model, sim="h100", sim_devices=2, plugins=["pipeline", "prefetch"], progress=False,
                plugin_options={"prefetch.resident_layers": 2})
     with warnings.catch_warnings(record=True) as caught:
@@ -227,3 +227,38 @@ def test_a_hand_over_missing_an_event_is_a_hazard(model, monkeypatch):
         with pytest.raises(HazardError, match=buffer):
             generate_joining(model, sim="h100", sim_devices=2, plugins=["pipeline"],
                              plugin_options={"pipeline.groups": 2})
+
+
+def test_prefetch_streams_what_exceeds_each_stage_budget(model):
+    """With `prefetch`, a stage over its budget streams its excess layers into a slot on its own
+    GPU, on that GPU's copy stream: the tokens of one device, with graphs and groups in flight."""
+    import pipellm_prefetch
+    from pipellm_core.gguf.model_file import ModelFile
+    from pipellm_core.model.weights import packed_layer_bytes
+    tensors = ModelFile(model).tensors
+    layer = packed_layer_bytes(tensors, 0)
+    first, last = end_bytes(tensors)
+    # each stage gets three layers; with one slot, room for one resident layer and the slot
+    budgets = f"{first + 2 * layer + layer // 5},{last + 2 * layer + layer // 5}"
+    one, _ = generate_joining(model, sim="h100")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        two, engine = generate_joining(model, sim="h100", sim_devices=2, plugins=["pipeline", "prefetch", "graphs"],
+                                       plugin_options={"pipeline.budgets": budgets, "pipeline.groups": 2,
+                                                       "prefetch.slots": 1})
+    assert two == one
+    assert [p.stage for p in engine.plan.layers] == [0, 0, 0, 1, 1, 1]
+    streamed = {s: pipellm_prefetch.plan_of(engine, s).streamed for s in (0, 1)}
+    assert streamed == {0: [1, 2], 1: [4, 5]}
+    assert [p.resident for p in engine.plan.layers] == [True, False, False, True, False, False]
+    assert pipellm_graphs.runner_of(engine).eager_fallbacks == 0
+    events = engine.sim.trace.events()
+    tracks = {(e["pid"], e["tid"]): e["args"]["name"] for e in events if e.get("name") == "thread_name"}
+    copied = {gpu: {e["name"] for e in events if e.get("ph") == "X" and e["pid"] == gpu
+                    and tracks.get((gpu, e["tid"])) == "prefetch copies"} for gpu in (0, 1)}
+    assert copied == {0: {"layer 1", "layer 2"}, 1: {"layer 4", "layer 5"}}
+    for s in (0, 1):
+        assert pipellm_prefetch.streamer_of(engine, s).copies >= 2 * engine.stats.decode_steps // 2
+    with pytest.raises(PluginError, match="prefetch: stage 1: .* too small"):
+        Engine(model, sim="h100", sim_devices=2, plugins=["pipeline", "prefetch"], progress=False,
+               plugin_options={"pipeline.budgets": f"{first + 2 * layer},{last // 2}"})
