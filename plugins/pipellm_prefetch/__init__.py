@@ -28,14 +28,13 @@ import warnings
 from pipellm_core import hookimpl
 from pipellm_core.errors import PluginError
 from pipellm_core.hooks.options import PluginOptions
-
 from pipellm_core.model.weights import packed_layer_bytes
 
 from .budget import DEFAULT_WORKSPACE, StreamPlan, parse_size, plan_streaming
 from .stages import describe_stages, plan_stages
 from .streamer import LayerStreamer
-
 from .weights_size import fixed_gpu_bytes, prefill_activation_bytes
+
 
 def plan_of(engine, stage: int = 0) -> StreamPlan | None:
     """The streaming plan of a stage (None when the plugin is not running on the engine)."""
