@@ -66,6 +66,11 @@ class Platform:
         device = self.engine.stage_device(stage) if self.engine is not None else self.device
         return torch.empty(nbytes, dtype=torch.uint8, device=device)
 
+    def host_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A host tensor that copies to and from the GPUs can overlap compute with (pinned on
+        CUDA), zero-filled."""
+        return torch.zeros(shape, dtype=dtype)
+
     # --- every forward pass -------------------------------------------------------------------
 
     def running(self):
@@ -139,6 +144,14 @@ class CopyQueue:
 
     def compute_done_with(self, buffer: Hashable) -> None:
         """Compute queued so far is the last to read `buffer` before it is refilled."""
+
+    def compute_writes(self, buffer: Hashable) -> None:
+        """Compute queued so far writes `buffer` (a copy reading it back must wait for it)."""
+
+    def copy_back(self, dst: torch.Tensor, src: torch.Tensor, after, done, name: str, buffer: Hashable) -> None:
+        """Copy device `src` (`buffer`) into host `dst` once `after` completes; `done` completes
+        when it has landed."""
+        raise NotImplementedError
 
 
 class CudaPlatform(Platform):
@@ -216,6 +229,9 @@ class CudaPlatform(Platform):
     def copy_queue(self, name: str, stage: int = 0) -> "CopyQueue":
         return CudaCopyQueue(self.engine.stage_device(stage))
 
+    def host_buffer(self, shape, dtype):
+        return torch.zeros(shape, dtype=dtype, pin_memory=True)
+
     @property
     def can_capture_graphs(self) -> bool:
         return True
@@ -270,6 +286,13 @@ class CudaCopyQueue(CopyQueue):
 
     def compute_waits(self, event, buffer) -> None:
         torch.cuda.current_stream(self.device).wait_event(event)
+
+    def copy_back(self, dst, src, after, done, name, buffer) -> None:
+        s = self.copy_stream
+        s.wait_event(after)
+        with torch.cuda.stream(s):
+            dst.copy_(src, non_blocking=True)
+        done.record(s)
 
 
 def make_platform(device: str, sim=None, sim_devices: int = 1) -> Platform:

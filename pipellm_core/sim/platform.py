@@ -160,3 +160,14 @@ class SimCopyQueue(CopyQueue):
 
     def compute_done_with(self, buffer) -> None:
         self.costing.touch(self.compute_stream, reads=[buffer])
+
+    def compute_writes(self, buffer) -> None:
+        self.costing.touch(self.compute_stream, writes=[buffer])
+
+    def copy_back(self, dst, src, after, done, name, buffer) -> None:
+        with self.costing.uncharged():
+            dst.copy_(src)
+        c = self.costing
+        c.wait(self.copy_stream, after)
+        c.copy(self.copy_stream, name, src.numel() * src.element_size(), "d2h", src=buffer, dst=("host", name))
+        c.record(self.copy_stream, done)

@@ -25,6 +25,9 @@ Options (`-O pipeline.KEY=VALUE`):
                          group g+1, and no step drains the pipeline (`runtime.group_batching`)
   pipeline.budgets       GPU memory for each stage's weights, comma-separated, one per stage
                          (`--vram-budget` with a list sets it): shares and limits of the split
+  pipeline.kv_offload    1: with groups in flight, every group's KV cache lives in host memory
+                         and comes to each stage's GPU for the group's turn, which holds the
+                         rows of three groups instead of every sequence's (`runtime.group_kv_offload`)
 With `graphs`, each stage's step is captured on its own GPU, one graph per (stage, shape).
 With `prefetch`, each stage streams the layers that exceed its own budget into slots on its GPU.
 """
@@ -44,7 +47,7 @@ from .split import end_bytes, group_schedule, pipeline_schedule, split_layers, s
 
 
 
-OPTIONS = ("stages", "micro_batches", "groups", "budgets")
+OPTIONS = ("stages", "micro_batches", "groups", "budgets", "kv_offload")
 
 
 @hookimpl
@@ -74,6 +77,11 @@ def load(plan, config, engine):
     if groups > 1 and micro > 1:
         raise PluginError("pipeline: groups in flight run each group's step as one micro-batch; "
                           "leave pipeline.micro_batches at 1")
+    if opts.integer("kv_offload", 0):
+        if groups < 2:
+            raise PluginError("pipeline: kv_offload keeps the KV caches of waiting groups in host memory; "
+                              "it needs pipeline.groups of 2 or more")
+        engine.group_kv_offload = -(-engine.max_batch // groups)  # sequences per group
     engine.plugin_state["pipeline"] = (stages, micro, groups)
 
 

@@ -262,3 +262,66 @@ def test_prefetch_streams_what_exceeds_each_stage_budget(model):
     with pytest.raises(PluginError, match="prefetch: stage 1: .* too small"):
         Engine(model, sim="h100", sim_devices=2, plugins=["pipeline", "prefetch"], progress=False,
                plugin_options={"pipeline.budgets": f"{first + 2 * layer},{last // 2}"})
+
+
+def generate_many(path, **engine_kw):
+    """Eleven sequences through eight sequence slots in four groups: sequences join and leave."""
+    engine = Engine(path, max_batch=8, ctx_size=512, progress=False, **engine_kw)
+    reqs = [Request(list(range(100, 100 + n)), m, SamplingParams(temperature=0), ignore_eos=True)
+            for n, m in ((40, 9), (7, 3), (20, 6), (12, 5), (30, 4), (9, 7), (15, 5), (22, 8), (5, 6), (11, 4),
+                         (18, 3))]
+    for _ in engine.generate(reqs):
+        pass
+    return [r.generated for r in reqs], engine
+
+
+OFFLOAD = {"pipeline.groups": 4, "pipeline.kv_offload": 1}
+
+
+def test_kv_offload_of_waiting_groups_gives_the_one_device_tokens(model):
+    """Four groups of two sequences, their KV caches in host memory: each stage's GPU holds the
+    rows of three groups (two in turn, one for admissions) and the pad row, not eight
+    sequences'; the tokens are one device's, with graphs; the copies in of a stage overlap the
+    compute of the group before on its GPU."""
+    one, _ = generate_many(model, sim="h100")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        two, engine = generate_many(model, sim="h100", sim_devices=2, plugins=["pipeline", "graphs"],
+                                    plugin_options=OFFLOAD)
+    assert two == one
+    assert engine.group_kv_offload == 2 and engine.cache.k[0].shape[0] == 3 * 2 + 1 < engine.max_batch
+    assert pipellm_graphs.runner_of(engine).eager_fallbacks == 0
+    events = engine.sim.trace.events()
+    tracks = {(e["pid"], e["tid"]): e["args"]["name"] for e in events if e.get("name") == "thread_name"}
+
+    def spans(gpu, track, prefix=""):
+        return [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("ph") == "X" and e["pid"] == gpu
+                and tracks.get((gpu, e["tid"])) == track and e["name"].startswith(prefix) and e["dur"] > 0]
+    for gpu in (0, 1):
+        copies_in, compute = spans(gpu, "kv in", "kv of group"), spans(gpu, "compute")
+        assert copies_in and spans(gpu, "kv out", "kv of group")
+        overlap = sum(max(0.0, min(b, d) - max(a, c)) for a, b in copies_in for c, d in compute)
+        assert overlap > 0.1 * sum(b - a for a, b in copies_in)
+
+
+def test_kv_offload_copies_missing_an_event_are_hazards(model, monkeypatch):
+    """A stage not waiting for its rows to come in, or a write-back not waiting for the stage,
+    ends the run with a HazardError."""
+    from pipellm_core.errors import HazardError
+    from pipellm_core.sim.op_costs import SimOpCosting
+
+    wait = SimOpCosting.wait
+    for skipped, race in ((lambda stream, event: event.stream is not None and event.stream.name == "kv in",
+                           "'kv set'.* read on .*stream 'compute' while its write by 'kv of group .* stream 'kv in'"),
+                          (lambda stream, event: stream.name == "kv out",
+                           "'kv set'.* read on .*stream 'kv out' while its write by 'access'")):
+        monkeypatch.setattr(SimOpCosting, "wait", lambda self, stream, event, skipped=skipped:
+                            None if skipped(stream, event) else wait(self, stream, event))
+        with pytest.raises(HazardError, match=race):
+            generate_many(model, sim="h100", sim_devices=2, plugins=["pipeline"], plugin_options=OFFLOAD)
+
+
+def test_kv_offload_needs_groups(model):
+    with pytest.raises(PluginError, match="kv_offload .* pipeline.groups of 2 or more"):
+        Engine(model, sim="h100", sim_devices=2, plugins=["pipeline"], progress=False,
+               plugin_options={"pipeline.kv_offload": 1})
