@@ -5,7 +5,8 @@ GPUs without computing (`pipellm_core.sim.group_pipeline_costs.ring_figures`):
   GPU and today's layer split at the same total batch, into OUT/sim-h200/;
 - the rtx4090 profile, the Llama-70B shape (its vocabulary of 128256) on pipellm's Q4_0 kernel
   path: 2 and 4 GPUs at 32 and 64 sequences per group, the partition and each GPU's memory for
-  weights and KV cache, into OUT/sim-rtx4090/.
+  weights and KV cache; and more sequences than fit, with the KV offload of waiting groups, into
+  OUT/sim-rtx4090/.
 
 Usage: python benchmarks/pipeline_sim.py OUT (e.g. benchmarks/results)
 """
@@ -100,6 +101,55 @@ def rtx4090_rows() -> list[dict]:
     return rows
 
 
+def overlapped(runtime, track: str) -> tuple[float, float]:
+    """The time the copies on `track` and their GPU's compute stream run at the same time, as
+    a share of the copies' time and of the compute's, from the run's trace."""
+    events = runtime.trace.events()
+    names = {(e["pid"], e["tid"]): e["args"]["name"] for e in events if e.get("name") == "thread_name"}
+    spans = {}
+    for e in events:
+        if e.get("ph") == "X" and e["dur"] > 0:
+            spans.setdefault(names.get((e["pid"], e["tid"])), []).append((e["pid"], e["ts"], e["ts"] + e["dur"]))
+    copies, compute = spans.get(track, []), spans.get("compute", [])
+    both = sum(max(0.0, min(b, d) - max(a, c)) for g, a, b in copies for h, c, d in compute if g == h)
+    return both / sum(b - a for _, a, b in copies), both / sum(b - a for _, a, b in compute)
+
+
+def offload_rows() -> list[dict]:
+    """More sequences than fit: groups whose KV caches live in host memory, three groups' rows
+    on each GPU (`pipeline.kv_offload`)."""
+    memory = get_profile("rtx4090").memory_bytes
+    rows = []
+    for stages, groups, per_group in ((2, 8, 16), (4, 8, 64)):
+        figures = ring_figures(LLAMA_70B, "rtx4090", stages, groups, per_group, CTX_70B, STEPS, GGMLType.Q4_0,
+                               trace=True, kv_offload=True)
+        sequences = groups * per_group
+        without = partition(LLAMA_70B, stages, sequences, CTX_70B)
+        parts = [dict(p, kv_cache_bytes=kv_bytes(LLAMA_70B, p["layers"][1] - p["layers"][0] + 1,
+                                                 3 * per_group, CTX_70B)) for p in without]
+        rows.append(dict(gpus=stages, groups=groups, per_group=per_group, sequences=sequences,
+                         groups_tok_s=figures.tokens_per_second, stage_busy=figures.stage_busy,
+                         bubble=figures.bubble, overlap_of_copies_in_and_compute=overlapped(figures.runtime, "kv in"),
+                         partition=parts,
+                         fits_without_offload=all(p["weights_bytes"] + p["kv_cache_bytes"] <= memory for p in without),
+                         fits=all(p["weights_bytes"] + p["kv_cache_bytes"] <= memory for p in parts)))
+    return rows
+
+
+def offload_table(rows: list[dict]) -> str:
+    lines = ["| GPUs | groups × per group | sequences | fits without offload | GPU share with offload: weights + KV "
+             "cache | fits | tok/s | stage busy | copies in and compute at once: share of the copies / of the compute |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        big = max(r["partition"], key=lambda p: p["weights_bytes"] + p["kv_cache_bytes"])
+        lines.append(f"| {r['gpus']} | {r['groups']} × {r['per_group']} | {r['sequences']} | "
+                     f"{'yes' if r['fits_without_offload'] else 'no'} | {format_size(big['weights_bytes'])} + "
+                     f"{format_size(big['kv_cache_bytes'])} | {'yes' if r['fits'] else 'no'} | "
+                     f"{r['groups_tok_s']:.0f} | {percent(r['stage_busy'])} | "
+                     f"{percent(r['overlap_of_copies_in_and_compute'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def percent(values) -> str:
     return " / ".join(f"{v:.0%}" for v in values)
 
@@ -156,6 +206,12 @@ def main(out: Path) -> None:
                                                         "ctx": CTX_8B}, rows,
           f"Llama-8B shape, dense bf16 step, sim h200 profile, context {CTX_8B}, {STEPS} steps per group "
           f"(commit {commit})\n\n" + h200_table(rows))
+    rows = offload_rows()
+    write(out / "sim-rtx4090", "pipeline_kv_offload_llama-70b-q4_0",
+          {**meta, "profile": "rtx4090", "model": "llama-70b shape, Q4_0, vocabulary 128256", "ctx": CTX_70B}, rows,
+          f"Llama-70B shape (vocabulary 128256), Q4_0 on the kernel path, sim rtx4090 profile, context "
+          f"{CTX_70B}, {STEPS} steps per group, KV offload of waiting groups (commit {commit})\n\n"
+          + offload_table(rows))
     rows = rtx4090_rows()
     write(out / "sim-rtx4090", "pipeline_groups_llama-70b-q4_0",
           {**meta, "profile": "rtx4090", "model": "llama-70b shape, Q4_0, vocabulary 128256", "ctx": CTX_70B}, rows,

@@ -18,6 +18,7 @@ from pipellm_core.runtime.group_pipeline import GroupStep, run_ring
 from pipellm_core.sim.calibration import kernel_stage_step, plain_stage_step
 from pipellm_core.sim.graph import SimGraph
 from pipellm_core.sim.hand_over import hand_over
+from pipellm_core.sim.kv_offload_costs import KVOffloadCharges
 from pipellm_core.sim.op_costs import SimOpCosting
 from pipellm_core.sim.runtime import SimRuntime
 
@@ -55,10 +56,12 @@ def stage_layers(n_layers: int, n_stages: int) -> list[range]:
 
 def ring_figures(config: ModelConfig, profile: str, n_stages: int, n_groups: int,
                  batch_per_group: int, ctx: int = 128, steps_per_group: int = 12, qtype=None,
-                 trace: bool = False) -> RingFigures:
+                 trace: bool = False, kv_offload: bool = False) -> RingFigures:
     """Run `steps_per_group` decode steps of each of `n_groups` groups of `batch_per_group`
     sequences through `n_stages` virtual GPUs of `profile`, every stage a graph replay: of a
-    dense bf16 step, or of the kernel path for matrices of GGML type `qtype`."""
+    dense bf16 step, or of the kernel path for matrices of GGML type `qtype`. With `kv_offload`,
+    the groups' KV caches (fp16, `ctx` positions a row) come and go as the engine's
+    `pipeline.kv_offload` moves them (`sim.kv_offload_costs`)."""
     runtime = SimRuntime(profile, n_devices=n_stages, trace=trace)
     costing = SimOpCosting(runtime, float_bytes=2, track_memory=False)
     graphs = []
@@ -74,18 +77,29 @@ def ring_figures(config: ModelConfig, profile: str, n_stages: int, n_groups: int
         start_time = runtime.elapsed()
         started = [0] * n_groups
         hidden_bytes = batch_per_group * config.n_embd * costing.float_bytes
+        row_bytes = config.n_kv_heads * ctx * config.head_dim * 2
+        offload = KVOffloadCharges(runtime, stage_layers(config.n_layers, n_stages), row_bytes,
+                                   batch_per_group) if kv_offload else None
+        clock = {"tick": 0}
 
         def start(group: int):
             if started[group] == steps_per_group:
                 return None
             started[group] += 1
-            return group
+            return clock["tick"] % 2  # the GPU rows of its KV cache under offload
 
         def run_stage(stage: int, step: GroupStep):
             if stage > 0:
                 hand_over(costing, stage - 1, stage, stage, hidden_bytes)
+            if offload is not None and stage == 0:
+                offload.bring_in(0, step.group, step.work)
             costing.device = stage
-            return graphs[stage].replay(compute=False)
+            out = graphs[stage].replay(compute=False)
+            if offload is not None:
+                offload.write_back(stage, step.group, step.work)
+                if stage + 1 < n_stages:
+                    offload.bring_in(stage + 1, step.group, step.work)
+            return out
 
         def finish(step: GroupStep) -> None:
             runtime.synchronize(n_stages - 1)
@@ -93,8 +107,8 @@ def ring_figures(config: ModelConfig, profile: str, n_stages: int, n_groups: int
         def more() -> bool:
             return any(n < steps_per_group for n in started)
 
-        for _tick in run_ring(n_stages, n_groups, start, run_stage, finish, more):
-            pass
+        for tick in run_ring(n_stages, n_groups, start, run_stage, finish, more):
+            clock["tick"] = tick + 1
         runtime.synchronize()
     seconds = runtime.elapsed() - start_time
     steps = n_groups * steps_per_group

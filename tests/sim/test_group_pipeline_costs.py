@@ -68,3 +68,26 @@ def test_the_kernel_path_prices_a_model_no_card_holds():
     tracks = {(e["pid"], e["tid"]): e["args"]["name"] for e in events if e.get("name") == "thread_name"}
     crossings = [e for e in events if e.get("ph") == "X" and tracks.get((e["pid"], e["tid"])) == "hand-over"]
     assert {e["pid"] for e in crossings} == {1} and len(crossings) == 2 * 8  # every group step, on GPU 1
+
+
+def test_kv_offload_priced_on_a_model_too_large_for_its_cache():
+    """Eight groups of 16 of the Llama-70B shape on two rtx4090s, their KV caches (context 512)
+    coming in over PCIe for every turn: the copies and the compute overlap in the trace, and
+    the copies, 1.25 GiB per stage and turn each way (about 54 ms over PCIe) against a step of
+    some 21 ms, set the pace."""
+    llama_70b = dataclasses.replace(SHAPES["llama-70b"].config(), vocab_size=128256)
+    resident = ring_figures(llama_70b, "rtx4090", 2, 8, 16, ctx=512, steps_per_group=4, qtype=GGMLType.Q4_0)
+    offload = ring_figures(llama_70b, "rtx4090", 2, 8, 16, ctx=512, steps_per_group=4, qtype=GGMLType.Q4_0,
+                           trace=True, kv_offload=True)
+    assert offload.tokens == resident.tokens
+    assert offload.tokens_per_second < 0.5 * resident.tokens_per_second
+    events = offload.runtime.trace.events()
+    tracks = {(e["pid"], e["tid"]): e["args"]["name"] for e in events if e.get("name") == "thread_name"}
+
+    def spans(gpu, track):
+        return [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("ph") == "X" and e["pid"] == gpu
+                and tracks.get((gpu, e["tid"])) == track and e["dur"] > 0]
+    for gpu in (0, 1):
+        copies_in, compute = spans(gpu, "kv in"), spans(gpu, "compute")
+        assert len(copies_in) == 2 * 40 * 8 * 4 and spans(gpu, "kv out")  # keys and values of 40 layers a turn
+        assert sum(max(0.0, min(b, d) - max(a, c)) for a, b in copies_in for c, d in compute) > 0
