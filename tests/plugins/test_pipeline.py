@@ -321,7 +321,13 @@ def test_kv_offload_copies_missing_an_event_are_hazards(model, monkeypatch):
             generate_many(model, sim="h100", sim_devices=2, plugins=["pipeline"], plugin_options=OFFLOAD)
 
 
-def test_kv_offload_needs_groups(model):
+def test_kv_offload_needs_groups_and_is_not_for_the_server(model):
+    from pipellm_core.errors import PipeLLMError
+    from pipellm_core.runtime.scheduler import EngineLoop
     with pytest.raises(PluginError, match="kv_offload .* pipeline.groups of 2 or more"):
         Engine(model, sim="h100", sim_devices=2, plugins=["pipeline"], progress=False,
                plugin_options={"pipeline.kv_offload": 1})
+    engine = Engine(model, sim="h100", sim_devices=2, plugins=["pipeline"], progress=False, max_batch=8,
+                    plugin_options=OFFLOAD)
+    with pytest.raises(PipeLLMError, match="server steps its batch as one group"):
+        EngineLoop(engine, max_waiting=4)
