@@ -55,13 +55,16 @@ def markdown_table(result: dict) -> str:
     p = result["parameters"]
     lines = [f"{result['model']} on {result['device']} (commit {result['commit']}, prompt "
              f"{p['prompt_tokens']} tokens, {p['n_predict']} generated, median of {p['repeats']})", "",
-             "| backend | plugins | batch | GPU layers | tok/s | ms/step | weight GB/s | same tokens |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| backend | plugins | batch | GPU layers | tok/s | ms/step | weight GB/s | stage busy | bubble "
+             "| same tokens |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         same = {True: "yes", False: "NO", None: "-"}[r.get("same_tokens")]
+        busy = " / ".join(f"{b:.0%}" for b in r["stage_busy"]) if r.get("stage_busy") else "-"
+        bubble = f"{r['bubble']:.0%}" if r.get("bubble") is not None else "-"
         lines.append(f"| {r['backend']} | {','.join(r['plugins']) or 'none'} | {r['batch']} | "
                      f"{r.get('gpu_layers', '-')} | {r['tok_s']:.1f} | {r['ms_per_step']:.2f} | "
-                     f"{r['gb_s']:.1f} | {same} |")
+                     f"{r['gb_s']:.1f} | {busy} | {bubble} | {same} |")
     return "\n".join(lines) + "\n"
 
 

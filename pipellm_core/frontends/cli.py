@@ -59,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="measure decode speed, plugin sets side by side (an ablation)", epilog=EPILOG,
         description="Decode speed for each plugin set on the same model and settings: B sequences "
                     "of a fixed prompt length, then a fixed number of greedy steps, median of "
-                    "repeats after a warm-up. Checks that every plugin set gives the same tokens.")
+                    "repeats after a warm-up. Checks that every plugin set gives the same tokens. "
+                    "On the sim backend it also reports each pipeline stage's busy fraction and "
+                    "the bubble fraction (the stages' idle share) of the decode; elsewhere those "
+                    "columns are empty.")
     bench.add_argument("-m", "--model", default=_env("PIPELLM_MODEL"), help="GGUF file (default: SmolLM2-135M)")
     bench.add_argument("--label", help="model name in the results (default: the file name)")
     bench.add_argument("--ablate", default="none",
@@ -149,7 +152,8 @@ def _add_engine_options(parser) -> None:
                         help="prefetch plugin: GPU memory the model may use, e.g. 6GiB; layers beyond it "
                              "stream from pinned host memory (default: the GPU's free memory). "
                              "pipeline plugin: a list, one budget per stage, e.g. 24GiB,16GiB: each "
-                             "stage's share of the layers follows its budget")
+                             "stage's share of the layers follows its budget (with prefetch too, each "
+                             "stage streams what exceeds its budget)")
     parser.add_argument("-O", "--plugin-option", action="append", default=[], metavar="PLUGIN.KEY=VALUE",
                         help="a setting for a plugin (repeatable)")
 

@@ -268,7 +268,7 @@ class Transformer:
         mask = None
         for i in layers:
             dev = self.weights.layer_devices[i]
-            if h.device != dev:
+            if h.device != dev or positions.device != dev:  # the hidden state may have arrived already
                 h, positions, slots = h.to(dev), positions.to(dev), slots.to(dev)
                 mask = None
             if mask is None:

@@ -44,7 +44,9 @@ class ContinuousBatcher:
 
     def timed_greedy_run(self, prompts: list[list[int]], n_predict: int) -> dict:
         """Every prompt prefilled, then greedy decode steps until each has `n_predict` tokens
-        (end of generation ignored): seconds and steps of each phase, and the tokens."""
+        (end of generation ignored): seconds and steps of each phase, the share of the decode
+        time each pipeline stage's GPU computed (None where the platform cannot tell), and the
+        tokens."""
         self.stats = GenerationStats()
         reqs = [Request(p, n_predict, SamplingParams(temperature=0), ignore_eos=True) for p in prompts]
         for _ in self.generate(reqs):
@@ -53,7 +55,8 @@ class ContinuousBatcher:
             torch.cuda.synchronize()
         s = self.stats
         return {"prefill_seconds": s.prefill_seconds, "decode_seconds": s.decode_seconds,
-                "decode_steps": s.decode_steps, "tokens": [r.generated for r in reqs]}
+                "decode_steps": s.decode_steps, "stage_busy": s.stage_busy_fractions,
+                "tokens": [r.generated for r in reqs]}
 
     def check_fits(self, req: Request) -> None:
         n = len(req.prompt_tokens)
@@ -106,6 +109,7 @@ class ContinuousBatcher:
                 logits = self.decode_logits(active)
                 picks = self.pick_tokens(active, logits)
             self.stats.decode_seconds += t.seconds
+            self.stats.add_stage_busy(t.busy)
             self.stats.decode_tokens += len(active)
             self.stats.decode_steps += 1
             for req, tok in zip(active, picks):

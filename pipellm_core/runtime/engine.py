@@ -93,6 +93,9 @@ class Engine(ContinuousBatcher):
         self.pad_steps = pad_steps
         self.dtype = dtype or default_dtype(self.device)
         self.pm = make_plugin_manager(plugins, extra_plugins)
+        # sequences per group whose waiting groups' KV caches live in host memory (set by a `load`
+        # hook, `pipeline.kv_offload`); None: every sequence has its cache slot on the GPUs
+        self.group_kv_offload: int | None = None
         self.plan = LoadPlan.empty(self.config.n_layers)
         self.pm.hook.load(plan=self.plan, config=self.config, engine=self)
         self.pm.hook.check_plan(plan=self.plan, engine=self)
@@ -101,7 +104,7 @@ class Engine(ContinuousBatcher):
                                f"{self.stage_group.size} processes")
         self.weights = load_weights(self.file, self.plan, progress)
         self.cache = self._kv_cache(self.weights.layer_devices)
-        self.pad_slot = max_batch  # the cache's extra slot
+        self.pad_slot = self.kv_slots  # the cache's extra slot
         self.platform.place(self)
         self.model = Transformer(self.config, self.weights, self.cache, self.dtype)
         self.model.charge_kernels = self.platform.kernel_charges()
@@ -113,7 +116,13 @@ class Engine(ContinuousBatcher):
     def _kv_cache(self, layer_devices) -> KVCache:
         # fp16 keys and values, as llama.cpp keeps them by default; one slot more than the batch
         # for the padding rows of fixed-shape (graph) steps to write into
-        return KVCache(self.config, self.max_batch + 1, self.ctx_size, torch.float16, layer_devices)
+        return KVCache(self.config, self.kv_slots + 1, self.ctx_size, torch.float16, layer_devices)
+
+    @property
+    def kv_slots(self) -> int:
+        """Cache slots on the GPUs: one per sequence, or with the KV offload of waiting groups
+        two groups' worth for the steps in turn and one for admissions (`group_kv_offload`)."""
+        return self.max_batch if self.group_kv_offload is None else 3 * self.group_kv_offload
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -179,8 +188,8 @@ class Engine(ContinuousBatcher):
 
     def decode_stage(self, stage: int, batch: StepBatch, hidden: torch.Tensor | None):
         """One stage's decode step for one micro-batch, inside `running()`: the platform enters
-        the stage, then the `decode` hooks answer."""
-        self.platform.enter_stage(stage)
+        the stage (the hidden state moves to its GPU), then the `decode` hooks answer."""
+        hidden = self.platform.enter_stage(stage, hidden)
         return self.pm.hook.decode(engine=self, stage=stage, batch=batch, hidden=hidden)
 
     def prefill(self, prompts: list[list[int]], slots: list[int], all_logits: bool = False):

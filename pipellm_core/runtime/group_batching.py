@@ -13,6 +13,9 @@ from __future__ import annotations
 from collections import deque
 from typing import Iterable, Iterator
 
+import torch
+
+from pipellm_core.runtime.group_kv_offload import GroupKVOffload
 from pipellm_core.runtime.group_pipeline import GroupStep, run_ring
 from pipellm_core.runtime.request import Request
 
@@ -29,33 +32,62 @@ def generate_in_groups(engine, requests: Iterable[Request], n_groups: int) -> It
     pending = deque(requests)
     for req in pending:
         engine.check_fits(req)
-    free = list(range(engine.max_batch))
+    capacity = engine.group_kv_offload
+    offload = GroupKVOffload(engine, n_groups, capacity) if capacity else None
+    # free cache slots: any of them, or under KV offload each group's own home rows
+    free = {None: list(range(engine.max_batch))} if offload is None else \
+        {g: list(range(g * capacity, (g + 1) * capacity)) for g in range(n_groups)}
     groups: list[list[Request]] = [[] for _ in range(n_groups)]
+    clock = {"tick": 0}
     outbox: list[tuple[Request, int]] = []
     stats = engine.stats
     prefill_seconds = 0.0
+    prefill_busy: list[float] | None = None
+
+    def slots_of(group: int | None) -> list[int]:
+        return free[None if offload is None else group]
 
     def release(req: Request) -> None:
         engine.release_slot(req.slot)
-        free.append(req.slot)
-        free.sort()
+        rows = slots_of(None if offload is None else req.slot // capacity)
+        rows.append(req.slot)
+        rows.sort()
+
+    def joining() -> int | None:
+        """The group a new sequence joins: the one with the fewest sequences (that has a free
+        home row, under KV offload); None when no slot is free."""
+        room = [g for g in range(n_groups) if slots_of(g)]
+        return room[fewest([groups[g] for g in room])] if room else None
+
+    def prefill_logits(admitted: list[Request]):
+        if offload is None:
+            return engine.prefill_logits(admitted)
+        logits = [None] * len(admitted)
+        for group in sorted({r.slot // capacity for r in admitted}):  # one prefill per group
+            mine = [i for i, r in enumerate(admitted) if r.slot // capacity == group]
+            out = offload.admit([admitted[i].prompt_tokens for i in mine], [admitted[i].slot for i in mine])
+            for i, row in zip(mine, out):
+                logits[i] = row
+        return torch.stack(logits)
 
     def admit() -> None:
-        nonlocal prefill_seconds
+        nonlocal prefill_seconds, prefill_busy
         admitted = []
-        while pending and free:
+        while pending and (group := joining()) is not None:
             req = pending.popleft()
-            req.slot = free.pop(0)
-            groups[fewest(groups)].append(req)
+            req.slot = slots_of(group).pop(0)
+            groups[group].append(req)
             admitted.append(req)
         if not admitted:
             return
         with engine.step_timer() as t:
-            logits = engine.prefill_logits(admitted)
+            logits = prefill_logits(admitted)
             picks = engine.pick_tokens(admitted, logits)
         stats.prefill_tokens += sum(len(r.prompt_tokens) for r in admitted)
         stats.prefill_seconds += t.seconds
         prefill_seconds += t.seconds
+        if t.busy is not None:
+            prefill_busy = [a + b for a, b in zip(prefill_busy or [0.0] * len(t.busy), t.busy)]
         for req, tok in zip(admitted, picks):
             if req.max_tokens <= 0:
                 req.finish_reason = "length"
@@ -73,14 +105,23 @@ def generate_in_groups(engine, requests: Iterable[Request], n_groups: int) -> It
         if not groups[group]:
             return None
         reqs = list(groups[group])
-        return reqs, engine.group_step_batch(reqs)
+        batch = engine.group_step_batch(reqs)
+        kv_set = clock["tick"] % 2  # under KV offload: the GPU rows of the steps entering at even or odd ticks
+        return reqs, batch if offload is None else offload.step_batch(batch, len(reqs), kv_set), kv_set
 
     def run_stage(stage: int, step: GroupStep):
-        _reqs, batch = step.work
-        return engine.decode_stage(stage, batch, step.hidden)
+        reqs, batch, kv_set = step.work
+        if offload is not None and stage == 0:
+            offload.bring_in(0, step.group, kv_set)
+        out = engine.decode_stage(stage, batch, step.hidden)
+        if offload is not None:
+            offload.write_back(stage, step.group, kv_set, [r.slot for r in reqs])
+            if stage + 1 < n_stages:  # the next stage's rows, while it computes the group before
+                offload.bring_in(stage + 1, step.group, kv_set)
+        return out
 
     def finish(step: GroupStep) -> None:
-        reqs, _batch = step.work
+        reqs, _batch, _kv_set = step.work
         engine.platform.synchronize_stage(n_stages - 1)  # the host's one wait per group step
         picks = engine.pick_tokens(reqs, step.hidden.to(engine.device)[: len(reqs)])
         stats.decode_tokens += len(reqs)
@@ -98,10 +139,13 @@ def generate_in_groups(engine, requests: Iterable[Request], n_groups: int) -> It
 
     with engine.step_timer() as total:
         admit()
-        for _tick in run_ring(n_stages, n_groups, start, run_stage, finish, more, engine.running):
+        for tick in run_ring(n_stages, n_groups, start, run_stage, finish, more, engine.running):
+            clock["tick"] = tick + 1
             while outbox:
                 yield outbox.pop(0)
             admit()  # between ticks, outside the forward passes: a prefill runs every stage
         while outbox:
             yield outbox.pop(0)
     stats.decode_seconds += total.seconds - prefill_seconds
+    if total.busy is not None:
+        stats.add_stage_busy([a - b for a, b in zip(total.busy, prefill_busy or [0.0] * len(total.busy))])

@@ -9,7 +9,8 @@ the plugins call these and never ask which platform they are on; the sim's imple
 
 The engine calls the platform at fixed points: `place` once the weights and the KV cache are
 loaded, `running` around every forward pass, `enter_stage` before each stage's decode step (or
-its capture) and `enter_layer` before each layer.
+its capture; it hands the hidden state over to the stage's GPU) and `enter_layer` before each
+layer.
 """
 
 from __future__ import annotations
@@ -59,9 +60,16 @@ class Platform:
         are charged instead (`Transformer.charge_kernels`)."""
         return None
 
-    def buffer(self, nbytes: int, tag: str) -> torch.Tensor:
-        """A byte buffer on the engine's GPU that a plugin holds for the engine's lifetime."""
-        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+    def buffer(self, nbytes: int, tag: str, stage: int = 0) -> torch.Tensor:
+        """A byte buffer on the GPU of pipeline stage `stage` (the engine's GPU without a
+        pipeline) that a plugin holds for the engine's lifetime."""
+        device = self.engine.stage_device(stage) if self.engine is not None else self.device
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+    def host_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A host tensor that copies to and from the GPUs can overlap compute with (pinned on
+        CUDA), zero-filled."""
+        return torch.zeros(shape, dtype=dtype)
 
     # --- every forward pass -------------------------------------------------------------------
 
@@ -69,8 +77,10 @@ class Platform:
         """Context of every forward pass (prefill, decode step, graph capture)."""
         return contextlib.nullcontext()
 
-    def enter_stage(self, stage: int) -> None:
-        """Before a stage's decode step or its capture, inside `running()`."""
+    def enter_stage(self, stage: int, hidden: torch.Tensor | None) -> torch.Tensor | None:
+        """Before a stage's decode step or its capture, inside `running()`: the hidden state
+        from the stage before (None at the first stage), as the stage reads it."""
+        return hidden
 
     def enter_layer(self, layer: int, hidden: torch.Tensor) -> None:
         """Before layer `layer` runs on `hidden`, inside `running()`."""
@@ -82,10 +92,16 @@ class Platform:
     def synchronize_stage(self, stage: int) -> None:
         """The host waits for the work queued so far on the GPU of `stage` (and nothing else)."""
 
+    def stage_busy_seconds(self) -> list[float] | None:
+        """Seconds each stage's GPU has computed so far, all added up, where the platform can
+        tell; None on the CPU and on CUDA (a GPU's busy time needs a profiler there)."""
+        return None
+
     # --- side streams, events, copies ---------------------------------------------------------
 
-    def copy_queue(self, name: str) -> "CopyQueue":
-        """A stream for copies from pinned host memory into the engine's GPU, beside compute."""
+    def copy_queue(self, name: str, stage: int = 0) -> "CopyQueue":
+        """A stream for copies from pinned host memory into the GPU of pipeline stage `stage`
+        (the engine's GPU without a pipeline), beside that GPU's compute stream."""
         raise PipeLLMError("the CPU platform has no device to copy to")
 
     # --- graphs -------------------------------------------------------------------------------
@@ -129,6 +145,14 @@ class CopyQueue:
     def compute_done_with(self, buffer: Hashable) -> None:
         """Compute queued so far is the last to read `buffer` before it is refilled."""
 
+    def compute_writes(self, buffer: Hashable) -> None:
+        """Compute queued so far writes `buffer` (a copy reading it back must wait for it)."""
+
+    def copy_back(self, dst: torch.Tensor, src: torch.Tensor, after, done, name: str, buffer: Hashable) -> None:
+        """Copy device `src` (`buffer`) into host `dst` once `after` completes; `done` completes
+        when it has landed."""
+        raise NotImplementedError
+
 
 class CudaPlatform(Platform):
     """CUDA GPUs: every forward pass on one compute stream per GPU the model uses, graph
@@ -140,6 +164,7 @@ class CudaPlatform(Platform):
     def __init__(self, device: str):
         super().__init__(device)
         self.compute_streams: dict[str, torch.cuda.Stream] = {}
+        self.hand_over_streams: dict[str, torch.cuda.Stream] = {}  # per GPU: decode steps' hidden states between stages
         self._pools: dict[int, CudaGraphPool] = {}
 
     @property
@@ -173,11 +198,39 @@ class CudaPlatform(Platform):
                 stack.enter_context(_on_stream(stream))
             yield
 
+    def enter_stage(self, stage: int, hidden: torch.Tensor | None) -> torch.Tensor | None:
+        """A stage after the first receives the hidden state between the two GPUs' hand-over
+        streams, ordered by events: the sending one waits for the sending compute stream, the
+        receiving compute stream waits for the receiving one. The copy is a peer copy where the
+        GPUs allow it; otherwise the CUDA driver stages it through host memory."""
+        device = torch.device(self.engine.stage_device(stage))
+        if hidden is None or hidden.device == device:
+            return hidden
+        sending, receiving = self._hand_over_stream(hidden.device), self._hand_over_stream(device)
+        sending.wait_stream(self.compute_stream(hidden.device))
+        # a copy between devices runs on the source's current stream, in a two-way barrier with
+        # the destination's: both are hand-over streams, so neither compute stream is held up
+        with torch.cuda.stream(sending), torch.cuda.stream(receiving):
+            moved = hidden.to(device, non_blocking=True)
+        hidden.record_stream(sending)
+        moved.record_stream(self.compute_stream(device))
+        self.compute_stream(device).wait_stream(receiving)
+        return moved
+
+    def _hand_over_stream(self, device) -> torch.cuda.Stream:
+        key = str(torch.device(device))
+        if key not in self.hand_over_streams:
+            self.hand_over_streams[key] = torch.cuda.Stream(key)
+        return self.hand_over_streams[key]
+
     def synchronize_stage(self, stage: int) -> None:
         self.compute_stream(self.engine.stage_device(stage)).synchronize()
 
-    def copy_queue(self, name: str) -> "CopyQueue":
-        return CudaCopyQueue(self.device)
+    def copy_queue(self, name: str, stage: int = 0) -> "CopyQueue":
+        return CudaCopyQueue(self.engine.stage_device(stage))
+
+    def host_buffer(self, shape, dtype):
+        return torch.zeros(shape, dtype=dtype, pin_memory=True)
 
     @property
     def can_capture_graphs(self) -> bool:
@@ -233,6 +286,13 @@ class CudaCopyQueue(CopyQueue):
 
     def compute_waits(self, event, buffer) -> None:
         torch.cuda.current_stream(self.device).wait_event(event)
+
+    def copy_back(self, dst, src, after, done, name, buffer) -> None:
+        s = self.copy_stream
+        s.wait_event(after)
+        with torch.cuda.stream(s):
+            dst.copy_(src, non_blocking=True)
+        done.record(s)
 
 
 def make_platform(device: str, sim=None, sim_devices: int = 1) -> Platform:

@@ -41,6 +41,28 @@ class GenerationStats:
     decode_tokens: int = 0
     decode_seconds: float = 0.0
     decode_steps: int = 0
+    stage_busy_seconds: list[float] | None = None  # each stage's GPU computing during decode (sim only)
+
+    def add_stage_busy(self, busy: list[float] | None) -> None:
+        """Add a decode step's busy seconds per stage (a step timer's `.busy`, None where unknown)."""
+        if busy is None:
+            return
+        if self.stage_busy_seconds is None:
+            self.stage_busy_seconds = [0.0] * len(busy)
+        self.stage_busy_seconds = [a + b for a, b in zip(self.stage_busy_seconds, busy)]
+
+    @property
+    def stage_busy_fractions(self) -> list[float] | None:
+        """The share of the decode time each stage's GPU computed, where it is known."""
+        if self.stage_busy_seconds is None or not self.decode_seconds:
+            return None
+        return [b / self.decode_seconds for b in self.stage_busy_seconds]
+
+    @property
+    def bubble_fraction(self) -> float | None:
+        """The share of the stages' decode time spent idle: 1 - their mean busy fraction."""
+        busy = self.stage_busy_fractions
+        return None if busy is None else 1.0 - sum(busy) / len(busy)
 
     @property
     def prefill_tok_s(self) -> float:
@@ -52,6 +74,8 @@ class GenerationStats:
 
 
 class Timer:
+    busy = None  # no stage's busy time on the wall clock (`sim.timer.VirtualTimer` has it)
+
     def __enter__(self):
         self.start = time.perf_counter()
         return self

@@ -59,6 +59,9 @@ class EngineLoop:
     def __init__(self, batcher: ContinuousBatcher, max_waiting: int, step_history: int = 4096):
         if max_waiting < 0:
             raise PipeLLMError(f"the wait queue size must be at least 0, got {max_waiting}")
+        if getattr(batcher, "group_kv_offload", None):  # its cache holds three groups' slots
+            raise PipeLLMError("the server steps its batch as one group, without the KV offload of "
+                               "waiting groups: leave pipeline.kv_offload out")
         self.batcher = batcher
         self.max_waiting = max_waiting
         self.steps: deque[StepRecord] = deque(maxlen=step_history)

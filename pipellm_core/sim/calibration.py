@@ -99,6 +99,15 @@ def kernel_step_seconds(c: ModelConfig, profile, batch: int, attended_per_row: i
     layer's launches (`fused_decode.launches`) and the head's, each at the profile's launch
     time plus its per-node cost. `type_of(name, layer)` gives each layer matrix's GGML type
     ("attn_q", "ffn_down", ...); no weights are made, only their sizes."""
+    kernels = kernel_launches(c, range(c.n_layers), batch, attended_per_row, type_of, head_type)
+    p = get_profile(profile) if isinstance(profile, str) else profile
+    return sum(p.launch_seconds(kind, nbytes, rows) + p.graph_node_s for _, kind, nbytes, rows in kernels)
+
+
+def kernel_launches(c: ModelConfig, layers: range, batch: int, attended_per_row: int, type_of,
+                    head_type) -> list[tuple[str, str, int, int]]:
+    """The launches of `layers` on the kernel path (`fused_decode.launches`), and the head's when
+    they end at the last layer."""
     from types import SimpleNamespace
 
     from gguf import GGML_QUANT_SIZES
@@ -113,7 +122,7 @@ def kernel_step_seconds(c: ModelConfig, profile, batch: int, attended_per_row: i
 
     e, hd, kv = c.n_embd, c.head_dim, c.n_kv_heads * c.head_dim
     kernels = []
-    for i in range(c.n_layers):
+    for i in layers:
         t = lambda name: type_of(name, i)  # noqa: E731
         layer = SimpleNamespace(
             wq=matrix(c.n_heads * hd, e, t("attn_q")), wk=matrix(kv, e, t("attn_k")),
@@ -121,6 +130,18 @@ def kernel_step_seconds(c: ModelConfig, profile, batch: int, attended_per_row: i
             w_gate=matrix(c.n_ff, e, t("ffn_gate")), w_up=matrix(c.n_ff, e, t("ffn_up")),
             w_down=matrix(e, c.n_ff, t("ffn_down")))
         kernels += fused_decode.launches(c, layer, batch, batch * attended_per_row)
-    kernels += fused_decode.head_launches(c, matrix(c.vocab_size, e, head_type), batch)
-    p = get_profile(profile) if isinstance(profile, str) else profile
-    return sum(p.launch_seconds(kind, nbytes, rows) + p.graph_node_s for _, kind, nbytes, rows in kernels)
+    if layers.stop == c.n_layers:
+        kernels += fused_decode.head_launches(c, matrix(c.vocab_size, e, head_type), batch)
+    return kernels
+
+
+def kernel_stage_step(costing, c: ModelConfig, layers: range, batch: int, ctx: int, qtype):
+    """A callable charging one decode step of pipeline stage `layers` on the kernel path, every
+    matrix (the head's too) of GGML type `qtype`, each row attending `ctx` positions: for
+    `SimGraph`s of models too large to compute."""
+    kernels = kernel_launches(c, layers, batch, ctx, lambda name, layer: qtype, qtype)
+
+    def step():
+        with costing.as_kernels(lambda: kernels):
+            pass
+    return step

@@ -1,9 +1,11 @@
 """The sim backend as a `Platform`: the math runs on the CPU, the time and memory are charged to
 `n_devices` virtual GPUs of a profile.
 
-The layers of pipeline stage s are charged to virtual GPU s (modulo their number). Crossing from
-one virtual GPU to the next waits for the work queued so far on the previous one and receives the
-hidden state, as a copy between CUDA devices orders their current streams.
+The layers of pipeline stage s are charged to virtual GPU s (modulo their number). A decode
+step's hidden state moves to the next stage's GPU on that GPU's hand-over stream, ordered by
+events (`hand_over`); within a prefill, which runs every layer in one pass, crossing to the next
+GPU waits for the work queued so far on the previous one and copies on the compute stream, as a
+plain copy between CUDA devices orders their current streams.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 from pipellm_core.model.kernels import quant_matmul
 from pipellm_core.runtime.platform import CopyQueue, Platform
 from pipellm_core.sim.graph import SimGraph, SimGraphPool
+from pipellm_core.sim.hand_over import hand_over
 from pipellm_core.sim.op_costs import SimOpCosting
 from pipellm_core.sim.runtime import SimRuntime
 from pipellm_core.sim.timer import VirtualTimer
@@ -61,8 +64,8 @@ class SimPlatform(Platform):
         off): charge those, not the torch operations the CPU computes the same layer with."""
         return self.costing.as_kernels if quant_matmul.ENABLED else None
 
-    def buffer(self, nbytes: int, tag: str):
-        self.runtime.device(self.layer_gpu[0]).allocate(nbytes, tag)
+    def buffer(self, nbytes: int, tag: str, stage: int = 0):
+        self.runtime.device(self._stage_gpu(stage)).allocate(nbytes, tag)
         return torch.empty(nbytes, dtype=torch.uint8)
 
     def running(self):
@@ -70,18 +73,17 @@ class SimPlatform(Platform):
         self.costing.device = self.layer_gpu[0]
         return self.costing
 
-    def enter_stage(self, stage: int) -> None:
+    def enter_stage(self, stage: int, hidden):
         """Its virtual GPU becomes the one charged; a stage after the first receives its
-        micro-batch's hidden state from the stage before."""
-        plan = self.engine.plan
-        first = plan.stages[stage][0]
-        if stage == 0:
-            self.costing.device = self.layer_gpu[first]
-            return
-        prev = plan.stages[stage - 1][-1]
-        self.costing.device = self.layer_gpu[prev]
-        rows = self.engine.max_batch  # the hidden state's size only sets the copy's (tiny) cost
-        self._switch(self.layer_gpu[first], rows * self.engine.config.n_embd)
+        micro-batch's hidden state from the stage before on its GPU's hand-over stream."""
+        stages = self.engine.plan.stages
+        index = self.layer_gpu[stages[stage][0]]
+        if stage > 0 and hidden is not None:
+            sender = self.layer_gpu[stages[stage - 1][-1]]
+            if sender != index:
+                hand_over(self.costing, sender, index, stage, hidden.numel() * self.costing.float_bytes)
+        self.costing.device = index
+        return hidden
 
     def enter_layer(self, layer: int, hidden) -> None:
         self._switch(self.layer_gpu[layer], hidden.numel())
@@ -97,13 +99,21 @@ class SimPlatform(Platform):
         c.copy(c.stream, "hidden state", hidden_numel * c.float_bytes, "peer")
 
     def step_timer(self):
-        return VirtualTimer(self.runtime)
+        return VirtualTimer(self.runtime, self.stage_busy_seconds)
+
+    def stage_busy_seconds(self) -> list[float]:
+        """Time queued so far on the compute stream of each stage's virtual GPU."""
+        return [self.runtime.device(self.layer_gpu[layers[0]]).default_stream.busy_seconds
+                for layers in self.engine.plan.stages]
 
     def synchronize_stage(self, stage: int) -> None:
         self.runtime.synchronize(self.layer_gpu[self.engine.plan.stages[stage][0]])
 
-    def copy_queue(self, name: str) -> "SimCopyQueue":
-        return SimCopyQueue(self.costing, self.runtime.device(self.layer_gpu[0]), name)
+    def copy_queue(self, name: str, stage: int = 0) -> "SimCopyQueue":
+        return SimCopyQueue(self.costing, self.runtime.device(self._stage_gpu(stage)), name)
+
+    def _stage_gpu(self, stage: int) -> int:
+        return self.layer_gpu[self.engine.plan.stages[stage][0]]
 
     @property
     def can_capture_graphs(self) -> bool:
@@ -120,11 +130,13 @@ class SimPlatform(Platform):
 
 
 class SimCopyQueue(CopyQueue):
-    """Copies on a second stream of a virtual GPU: the data moves on the CPU for real,
-    uncharged, and the virtual GPU is charged a copy of the same bytes over its host link."""
+    """Copies on a second stream of a virtual GPU, ordered against that GPU's compute stream:
+    the data moves on the CPU for real, uncharged, and the virtual GPU is charged a copy of the
+    same bytes over its host link."""
 
     def __init__(self, costing: SimOpCosting, device, name: str):
         self.costing = costing
+        self.compute_stream = device.default_stream
         self.copy_stream = device.stream(name)
         self.runtime = device.runtime
 
@@ -132,7 +144,7 @@ class SimCopyQueue(CopyQueue):
         return self.runtime.event()
 
     def mark_compute(self, event) -> None:
-        self.costing.record(self.costing.stream, event)
+        self.costing.record(self.compute_stream, event)
 
     def copy(self, dst, src, after, ready, name, buffer) -> None:
         with self.costing.uncharged():
@@ -143,8 +155,19 @@ class SimCopyQueue(CopyQueue):
         c.record(self.copy_stream, ready)
 
     def compute_waits(self, event, buffer) -> None:
-        self.costing.wait(self.costing.stream, event)
-        self.costing.touch(self.costing.stream, reads=[buffer])
+        self.costing.wait(self.compute_stream, event)
+        self.costing.touch(self.compute_stream, reads=[buffer])
 
     def compute_done_with(self, buffer) -> None:
-        self.costing.touch(self.costing.stream, reads=[buffer])
+        self.costing.touch(self.compute_stream, reads=[buffer])
+
+    def compute_writes(self, buffer) -> None:
+        self.costing.touch(self.compute_stream, writes=[buffer])
+
+    def copy_back(self, dst, src, after, done, name, buffer) -> None:
+        with self.costing.uncharged():
+            dst.copy_(src)
+        c = self.costing
+        c.wait(self.copy_stream, after)
+        c.copy(self.copy_stream, name, src.numel() * src.element_size(), "d2h", src=buffer, dst=("host", name))
+        c.record(self.copy_stream, done)

@@ -198,6 +198,7 @@ class Stream:
         self.sid = sid  # id among all streams of the runtime
         self.tid = tid  # trace track within the device
         self.clock = 0.0
+        self.busy_seconds = 0.0  # time its kernels and copies have taken, all added up
 
     def __repr__(self) -> str:
         return f"Stream(GPU {self.device.index}, {self.name!r}, clock={self.clock:.6f})"
@@ -230,6 +231,7 @@ class Stream:
         rt.host_time += self.device.profile.eager_op_host_s if host_cost is None else host_cost
         start = max(self.clock, rt.host_time)
         self.clock = end = start + duration
+        self.busy_seconds += duration
         if rt.trace is not None:
             rt.trace.complete(name, cat, self.device.index, self.tid, start, duration, args)
         return start, end

@@ -4,7 +4,8 @@ At load time the layers are split into contiguous stages of about equal bytes, s
 (its weights and its KV cache there); the embedding goes with the first stage, the output head
 with the last, and their bytes count in those stages' shares. With per-GPU budgets
 (`--vram-budget 24GiB,16GiB`) each stage's share follows its budget, and a stage whose weights
-exceed its budget is an error. The partition is printed on stderr. Each decode step splits its batch into micro-batches that flow through the stages
+exceed its budget is an error, unless `prefetch` streams the excess (each stage streams what
+exceeds its own budget). The partition is printed on stderr. Each decode step splits its batch into micro-batches that flow through the stages
 in a fill-and-drain pipeline (`split.pipeline_schedule`), so while GPU 1 runs micro-batch 0,
 GPU 0 already runs micro-batch 1 (with one micro-batch, the default, the GPUs take turns).
 With `pipeline.groups=N` the engine instead keeps N groups of sequences in flight across steps
@@ -24,8 +25,11 @@ Options (`-O pipeline.KEY=VALUE`):
                          group g+1, and no step drains the pipeline (`runtime.group_batching`)
   pipeline.budgets       GPU memory for each stage's weights, comma-separated, one per stage
                          (`--vram-budget` with a list sets it): shares and limits of the split
+  pipeline.kv_offload    1: with groups in flight, every group's KV cache lives in host memory
+                         and comes to each stage's GPU for the group's turn, which holds the
+                         rows of three groups instead of every sequence's (`runtime.group_kv_offload`)
 With `graphs`, each stage's step is captured on its own GPU, one graph per (stage, shape).
-With `prefetch`, streaming needs every streamed layer on one GPU: that combination is refused.
+With `prefetch`, each stage streams the layers that exceed its own budget into slots on its GPU.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from .split import end_bytes, group_schedule, pipeline_schedule, split_layers, s
 
 
 
-OPTIONS = ("stages", "micro_batches", "groups", "budgets")
+OPTIONS = ("stages", "micro_batches", "groups", "budgets", "kv_offload")
 
 
 @hookimpl
@@ -73,6 +77,11 @@ def load(plan, config, engine):
     if groups > 1 and micro > 1:
         raise PluginError("pipeline: groups in flight run each group's step as one micro-batch; "
                           "leave pipeline.micro_batches at 1")
+    if opts.integer("kv_offload", 0):
+        if groups < 2:
+            raise PluginError("pipeline: kv_offload keeps the KV caches of waiting groups in host memory; "
+                              "it needs pipeline.groups of 2 or more")
+        engine.group_kv_offload = -(-engine.max_batch // groups)  # sequences per group
     engine.plugin_state["pipeline"] = (stages, micro, groups)
 
 
@@ -105,13 +114,28 @@ def partition(engine, config, opts: PluginOptions, stages: int) -> list[int]:
     budgets = stage_budgets(opts, stages)
     of_layer = split_layers(layer_bytes, stages, budgets, first, last)
     held = stage_bytes(of_layer, layer_bytes, first, last)
-    for k, (b, limit) in enumerate(zip(held, budgets or [None] * stages)):
-        if limit is not None and b > limit:
-            raise PluginError(f"pipeline: stage {k} holds {format_size(b)} of weights, over its budget of "
-                              f"{format_size(limit)} (budgets {opts.get('budgets')})")
     if engine.progress and (engine.stage_group is None or engine.stage_group.first):
         print_split(of_layer, held, budgets)
+    engine.plugin_state["pipeline.budgets"] = budgets
     return of_layer
+
+
+@hookimpl
+def check_plan(plan, engine):
+    """Each stage's weights on its GPU within its budget: the resident layers count (with
+    `prefetch`, a stage streams what exceeds its budget), and the embedding and head."""
+    budgets = engine.plugin_state.get("pipeline.budgets")
+    if not budgets:
+        return
+    tensors = engine.file.tensors
+    first, last = end_bytes(tensors)
+    resident = [packed_layer_bytes(tensors, i) if p.resident else 0 for i, p in enumerate(plan.layers)]
+    held = stage_bytes([p.stage for p in plan.layers], resident, first, last)
+    for k, (b, limit) in enumerate(zip(held, budgets)):
+        if b > limit:
+            raise PluginError(f"pipeline: stage {k} holds {format_size(b)} of weights, over its budget of "
+                              f"{format_size(limit)} (budgets {engine.plugin_options.get('pipeline.budgets')}; "
+                              f"with --plugins prefetch the excess streams)")
 
 
 def stage_budgets(opts: PluginOptions, stages: int) -> list[int] | None:

@@ -13,18 +13,22 @@ ends with all its copies consumed, so the work of a step is self-contained and a
 from __future__ import annotations
 
 class LayerStreamer:
-    def __init__(self, engine, streamed: list[int], n_slots: int, streams):
+    """The streamed layers of one pipeline stage (all of them without a pipeline), with slots on
+    the stage's GPU and copies on its copy queue."""
+
+    def __init__(self, engine, streamed: list[int], n_slots: int, streams, stage: int = 0):
         self.engine, self.streams = engine, streams  # a `CopyQueue` of the engine's platform
+        self.stage = stage
         plan = engine.plan
         self.streamed = sorted(streamed)
         n_slots = max(1, min(n_slots, len(self.streamed)))  # more slots than streamed layers would sit idle
         self.slot_of: dict[int, int] = {}
-        for stage in plan.stages:
-            mine = [i for i in stage if i in set(self.streamed)]
+        for layers in plan.stages:
+            mine = [i for i in layers if i in set(self.streamed)]
             self.slot_of.update({layer: k % n_slots for k, layer in enumerate(mine)})
         hosts = {i: engine.weights.layers[i].host for i in self.streamed}
         slot_bytes = max((h.nbytes for h in hosts.values()), default=0)
-        self.slots = [engine.platform.buffer(slot_bytes, "prefetch slots") for _ in range(n_slots)]
+        self.slots = [engine.platform.buffer(slot_bytes, "prefetch slots", stage) for _ in range(n_slots)]
         self.hosts = hosts
         # each streamed layer's weights as views into its slot, made once
         self.views = {i: h.view(self.slots[self.slot_of[i]][: h.nbytes]) for i, h in hosts.items()}
@@ -43,7 +47,7 @@ class LayerStreamer:
         """A forward pass over `layers` begins: the slots are free, its streamed layers pending."""
         for slot in self._holder:
             if slot not in self._free_after:
-                self.streams.compute_done_with(_buffer(slot))
+                self.streams.compute_done_with(self._buffer(slot))
         self._holder, self._free_after = {}, {}
         self._pending = [i for i in self.streamed if i in layers]
 
@@ -52,7 +56,7 @@ class LayerStreamer:
         passed = self.passed[layer]
         for slot, holder in list(self._holder.items()):
             if holder < layer and slot not in self._free_after:
-                self.streams.compute_done_with(_buffer(slot))
+                self.streams.compute_done_with(self._buffer(slot))
         self.streams.mark_compute(passed)
         for slot in range(len(self.slots)):
             if self._holder.get(slot, -1) < layer:
@@ -65,7 +69,7 @@ class LayerStreamer:
                 break
             h = self.hosts[nxt]
             self.streams.copy(self.slots[slot][: h.nbytes], h.buffer, after, self.ready[nxt],
-                              f"layer {nxt}", _buffer(slot))
+                              f"layer {nxt}", self._buffer(slot))
             self._holder[slot] = nxt
             self._pending.pop(0)
             self.copies += 1
@@ -74,10 +78,10 @@ class LayerStreamer:
         """The weights of `layer` if it streams (the compute stream waits for its copy), else None."""
         if layer not in self.views:
             return None
-        self.streams.compute_waits(self.ready[layer], _buffer(self.slot_of[layer]))
+        self.streams.compute_waits(self.ready[layer], self._buffer(self.slot_of[layer]))
         return self.views[layer]
 
 
-def _buffer(slot: int) -> tuple[str, int]:
-    """How a slot is named to the platform's copy queue (the sim's hazard checks)."""
-    return ("prefetch slot", slot)
+    def _buffer(self, slot: int) -> tuple[str, int, int]:
+        """How a slot is named to the platform's copy queue (the sim's hazard checks)."""
+        return ("prefetch slot", self.stage, slot)

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from pipellm_core import ablate
 
 
@@ -64,3 +66,19 @@ def test_bench_cli_writes_results(tmp_path, tiny_models):
         [("torch", 1), ("llamacpp", 1), ("torch", 2), ("llamacpp", 2)]
     assert "| torch | none | 2 |" in (out / "x.md").read_text()
     assert (out / "x.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ablate_reports_each_stage_busy_share_on_the_sim(tiny_models):
+    rows = ablate(tiny_models["llama"], [[], ["pipeline"]], backend="sim", sim_devices=2, batch=2,
+                  prompt_tokens=8, n_predict=4, repeats=1, progress=False)
+    alone, split = rows
+    assert len(alone["stage_busy"]) == 1 and alone["bubble"] == pytest.approx(1.0 - alone["stage_busy"][0])
+    assert len(split["stage_busy"]) == 2 and split["same_tokens"] is True
+    assert sum(split["stage_busy"]) <= 1.0 + 1e-9  # a layer split's GPUs take turns
+    assert split["bubble"] == pytest.approx(1.0 - sum(split["stage_busy"]) / 2) and split["bubble"] >= 0.5 - 1e-9
+
+
+def test_ablate_reports_no_busy_share_where_it_is_not_measured(tiny_models):
+    (row,) = ablate(tiny_models["llama"], [[]], backend="torch", device="cpu", batch=1, prompt_tokens=8,
+                    n_predict=2, repeats=1, warmup=0, progress=False)
+    assert row["stage_busy"] is None and row["bubble"] is None

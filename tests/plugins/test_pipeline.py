@@ -105,7 +105,7 @@ def test_bad_stage_counts(model):
     with pytest.raises(PluginError, match="3 stages asked for, but 2 GPU"):
         Engine(model, sim="h100", sim_devices=2, plugins=["pipeline"], progress=False,
                plugin_options={"pipeline.stages": 3})
-    with pytest.raises(PluginError, match="not supported yet"):
+    with pytest.raises(PluginError, match="resident_layers counts layers of one GPU"):
         Engine(model, sim="h100", sim_devices=2, plugins=["pipeline", "prefetch"], progress=False,
                plugin_options={"prefetch.resident_layers": 2})
     with warnings.catch_warnings(record=True) as caught:
@@ -180,3 +180,154 @@ def test_group_options(model):
     with pytest.raises(PluginError, match="at least 1"):
         Engine(model, sim="h100", sim_devices=2, plugins=["pipeline"], progress=False,
                plugin_options={"pipeline.groups": 0})
+
+
+def test_busy_and_bubble_fractions_of_the_stages(model):
+    """The decode's busy share of each stage's virtual GPU: in a plain layer split the GPUs take
+    turns (their shares add up to at most the whole); groups in flight leave a smaller bubble.
+    This model's steps are far shorter than the host's work around them (graph captures
+    included), so the shares are small either way."""
+    _, split = generate_joining(model, sim="h100", sim_devices=2, plugins=["pipeline", "graphs"])
+    _, ring = generate_joining(model, sim="h100", sim_devices=2, plugins=["pipeline", "graphs"],
+                               plugin_options={"pipeline.groups": 2})
+    for engine in (split, ring):
+        busy = engine.stats.stage_busy_fractions
+        assert len(busy) == 2 and all(0.0 < b <= 1.0 for b in busy)
+        assert engine.stats.bubble_fraction == pytest.approx(1.0 - sum(busy) / 2)
+    assert sum(split.stats.stage_busy_fractions) <= 1.0 + 1e-9
+    assert ring.stats.bubble_fraction < split.stats.bubble_fraction
+
+
+def test_trace_has_a_track_per_virtual_gpu_and_copy_stream(model):
+    """Each decode step's hidden state crosses to GPU 1 on its hand-over stream: one copy per
+    group step on that track (a prefill's crossing, within its one pass, is on the compute track)."""
+    _, engine = generate_joining(model, sim="h100", sim_devices=2, plugins=["pipeline", "graphs"],
+                                 plugin_options={"pipeline.groups": 2})
+    events = engine.sim.trace.events()
+    processes = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name"}
+    tracks = {(e["pid"], e["tid"]): e["args"]["name"] for e in events if e.get("name") == "thread_name"}
+    assert processes == {0: "GPU 0 (h100)", 1: "GPU 1 (h100)", 2: "host"}
+    assert {name for (pid, _), name in tracks.items() if pid == 1} == {"compute", "hand-over"}
+    hand_over = [e for e in events if e.get("ph") == "X" and e["pid"] == 1 and tracks[(1, e["tid"])] == "hand-over"]
+    assert {e["name"] for e in hand_over} == {"hidden state"}
+    assert len(hand_over) == engine.stats.decode_steps
+
+
+def test_a_hand_over_missing_an_event_is_a_hazard(model, monkeypatch):
+    """The hazard checks run on every sim run: a hand-over copy not waiting for the stage before,
+    or a stage not waiting for its copy, ends the run with a HazardError."""
+    from pipellm_core.errors import HazardError
+    from pipellm_core.sim.op_costs import SimOpCosting
+
+    wait = SimOpCosting.wait
+    for skipped, buffer in ((lambda stream, event: stream.name == "hand-over", "stage output"),
+                            (lambda stream, event: event.stream.name == "hand-over", "stage input")):
+        monkeypatch.setattr(SimOpCosting, "wait", lambda self, stream, event, skipped=skipped:
+                            None if skipped(stream, event) else wait(self, stream, event))
+        with pytest.raises(HazardError, match=buffer):
+            generate_joining(model, sim="h100", sim_devices=2, plugins=["pipeline"],
+                             plugin_options={"pipeline.groups": 2})
+
+
+def test_prefetch_streams_what_exceeds_each_stage_budget(model):
+    """With `prefetch`, a stage over its budget streams its excess layers into a slot on its own
+    GPU, on that GPU's copy stream: the tokens of one device, with graphs and groups in flight."""
+    import pipellm_prefetch
+    from pipellm_core.gguf.model_file import ModelFile
+    from pipellm_core.model.weights import packed_layer_bytes
+    tensors = ModelFile(model).tensors
+    layer = packed_layer_bytes(tensors, 0)
+    first, last = end_bytes(tensors)
+    # each stage gets three layers; with one slot, room for one resident layer and the slot
+    budgets = f"{first + 2 * layer + layer // 5},{last + 2 * layer + layer // 5}"
+    one, _ = generate_joining(model, sim="h100")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        two, engine = generate_joining(model, sim="h100", sim_devices=2, plugins=["pipeline", "prefetch", "graphs"],
+                                       plugin_options={"pipeline.budgets": budgets, "pipeline.groups": 2,
+                                                       "prefetch.slots": 1})
+    assert two == one
+    assert [p.stage for p in engine.plan.layers] == [0, 0, 0, 1, 1, 1]
+    streamed = {s: pipellm_prefetch.plan_of(engine, s).streamed for s in (0, 1)}
+    assert streamed == {0: [1, 2], 1: [4, 5]}
+    assert [p.resident for p in engine.plan.layers] == [True, False, False, True, False, False]
+    assert pipellm_graphs.runner_of(engine).eager_fallbacks == 0
+    events = engine.sim.trace.events()
+    tracks = {(e["pid"], e["tid"]): e["args"]["name"] for e in events if e.get("name") == "thread_name"}
+    copied = {gpu: {e["name"] for e in events if e.get("ph") == "X" and e["pid"] == gpu
+                    and tracks.get((gpu, e["tid"])) == "prefetch copies"} for gpu in (0, 1)}
+    assert copied == {0: {"layer 1", "layer 2"}, 1: {"layer 4", "layer 5"}}
+    for s in (0, 1):
+        assert pipellm_prefetch.streamer_of(engine, s).copies >= 2 * engine.stats.decode_steps // 2
+    with pytest.raises(PluginError, match="prefetch: stage 1: .* too small"):
+        Engine(model, sim="h100", sim_devices=2, plugins=["pipeline", "prefetch"], progress=False,
+               plugin_options={"pipeline.budgets": f"{first + 2 * layer},{last // 2}"})
+
+
+def generate_many(path, **engine_kw):
+    """Eleven sequences through eight sequence slots in four groups: sequences join and leave."""
+    engine = Engine(path, max_batch=8, ctx_size=512, progress=False, **engine_kw)
+    reqs = [Request(list(range(100, 100 + n)), m, SamplingParams(temperature=0), ignore_eos=True)
+            for n, m in ((40, 9), (7, 3), (20, 6), (12, 5), (30, 4), (9, 7), (15, 5), (22, 8), (5, 6), (11, 4),
+                         (18, 3))]
+    for _ in engine.generate(reqs):
+        pass
+    return [r.generated for r in reqs], engine
+
+
+OFFLOAD = {"pipeline.groups": 4, "pipeline.kv_offload": 1}
+
+
+def test_kv_offload_of_waiting_groups_gives_the_one_device_tokens(model):
+    """Four groups of two sequences, their KV caches in host memory: each stage's GPU holds the
+    rows of three groups (two in turn, one for admissions) and the pad row, not eight
+    sequences'; the tokens are one device's, with graphs; the copies in of a stage overlap the
+    compute of the group before on its GPU."""
+    one, _ = generate_many(model, sim="h100")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        two, engine = generate_many(model, sim="h100", sim_devices=2, plugins=["pipeline", "graphs"],
+                                    plugin_options=OFFLOAD)
+    assert two == one
+    assert engine.group_kv_offload == 2 and engine.cache.k[0].shape[0] == 3 * 2 + 1 < engine.max_batch
+    assert pipellm_graphs.runner_of(engine).eager_fallbacks == 0
+    events = engine.sim.trace.events()
+    tracks = {(e["pid"], e["tid"]): e["args"]["name"] for e in events if e.get("name") == "thread_name"}
+
+    def spans(gpu, track, prefix=""):
+        return [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("ph") == "X" and e["pid"] == gpu
+                and tracks.get((gpu, e["tid"])) == track and e["name"].startswith(prefix) and e["dur"] > 0]
+    for gpu in (0, 1):
+        copies_in, compute = spans(gpu, "kv in", "kv of group"), spans(gpu, "compute")
+        assert copies_in and spans(gpu, "kv out", "kv of group")
+        overlap = sum(max(0.0, min(b, d) - max(a, c)) for a, b in copies_in for c, d in compute)
+        assert overlap > 0.1 * sum(b - a for a, b in copies_in)
+
+
+def test_kv_offload_copies_missing_an_event_are_hazards(model, monkeypatch):
+    """A stage not waiting for its rows to come in, or a write-back not waiting for the stage,
+    ends the run with a HazardError."""
+    from pipellm_core.errors import HazardError
+    from pipellm_core.sim.op_costs import SimOpCosting
+
+    wait = SimOpCosting.wait
+    for skipped, race in ((lambda stream, event: event.stream is not None and event.stream.name == "kv in",
+                           "'kv set'.* read on .*stream 'compute' while its write by 'kv of group .* stream 'kv in'"),
+                          (lambda stream, event: stream.name == "kv out",
+                           "'kv set'.* read on .*stream 'kv out' while its write by 'access'")):
+        monkeypatch.setattr(SimOpCosting, "wait", lambda self, stream, event, skipped=skipped:
+                            None if skipped(stream, event) else wait(self, stream, event))
+        with pytest.raises(HazardError, match=race):
+            generate_many(model, sim="h100", sim_devices=2, plugins=["pipeline"], plugin_options=OFFLOAD)
+
+
+def test_kv_offload_needs_groups_and_is_not_for_the_server(model):
+    from pipellm_core.errors import PipeLLMError
+    from pipellm_core.runtime.scheduler import EngineLoop
+    with pytest.raises(PluginError, match="kv_offload .* pipeline.groups of 2 or more"):
+        Engine(model, sim="h100", sim_devices=2, plugins=["pipeline"], progress=False,
+               plugin_options={"pipeline.kv_offload": 1})
+    engine = Engine(model, sim="h100", sim_devices=2, plugins=["pipeline"], progress=False, max_batch=8,
+                    plugin_options=OFFLOAD)
+    with pytest.raises(PipeLLMError, match="server steps its batch as one group"):
+        EngineLoop(engine, max_waiting=4)

@@ -78,3 +78,9 @@ def test_sequences_join_the_group_with_the_fewest():
     assert fewest([[1, 2], [3], [4, 5]]) == 1
     assert fewest([[1], [2]]) == 0
     assert fewest([[], []]) == 0
+
+
+def test_rows_written_back_in_runs():
+    from pipellm_core.runtime.group_kv_offload import runs
+    assert runs([0, 1, 2, 5, 7, 8]) == [(0, 2), (5, 5), (7, 8)]
+    assert runs([3]) == [(3, 3)] and runs([]) == []

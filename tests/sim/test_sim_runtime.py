@@ -410,3 +410,23 @@ def test_no_trace():
     assert rt.trace is None
     with pytest.raises(PipeLLMError, match="trace=False"):
         rt.save_trace("unused.json")
+
+
+def test_busy_seconds_of_a_stream_and_of_a_timed_step():
+    """Each stream adds up the time of its work; a virtual step timer gives what each stage's
+    stream ran within the step, not the work before it."""
+    from pipellm_core.sim.timer import VirtualTimer
+
+    rt = SimRuntime(H100, n_devices=2, trace=False)
+    gpu0, gpu1 = rt.device(0).default_stream, rt.device(1).default_stream
+    gpu0.launch("before the step", 1e-3)
+    rt.synchronize()  # as the engine's steps start: the host has seen the work before complete
+    busy = lambda: [gpu0.busy_seconds, gpu1.busy_seconds]  # noqa: E731
+    with VirtualTimer(rt, busy) as t:
+        gpu0.launch("a", 2e-3)
+        gpu1.launch("b", 3e-3, host_cost=0.0)
+        gpu0.copy("c", 10**6, "peer")
+    assert gpu0.busy_seconds == pytest.approx(3e-3 + H100.copy_seconds(10**6, "peer"))
+    assert t.busy == pytest.approx([2e-3 + H100.copy_seconds(10**6, "peer"), 3e-3])
+    assert t.seconds == pytest.approx(30e-6 + 3e-3)  # GPU 1's kernel, issued after one launch
+    assert VirtualTimer(rt).busy is None
