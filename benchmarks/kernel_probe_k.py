@@ -5,8 +5,10 @@ on a CUDA GPU, at Llama-8B shapes, against the device's copy bandwidth measured 
     python benchmarks/kernel_probe_k.py --sweep --tiles k_tiles.json [--budget 5]
 
 The sweep times, by CUDA-graph replays, candidate tiles of both kernels for the products of a
-Llama-8B Q4_K_M-mix step at 1 to 32 rows, and writes the fastest of each into --tiles, in the
-format of `k_products.TILES_FILE` (merged into what the file holds).
+Llama-8B Q4_K_M-mix step at 1 to 32 rows, and writes per shape the winning kernel's tiles (one
+entry, the other kernel's removed) into --tiles, in the format of `k_products.TILES_FILE`
+(merged into what the file holds, written after each shape). Without --sweep the products are
+timed eagerly on fp16 activations (the rounding launch included).
 
 For each type, (n, k) and M: the median time of one product (triton.testing.do_bench; each call
 takes the next of several copies of the weights, so the L2 cache does not serve them), the bytes
@@ -63,9 +65,9 @@ def reference(x: torch.Tensor, w_decoded: torch.Tensor, swiglu: bool) -> torch.T
     return y
 
 
-def plan_of(m: int, n_out: int, k: int, qtype) -> dict:
+def plan_of(m: int, n_out: int, k: int, qtype, swiglu: bool) -> dict:
     """The tiles `k_products.matmul` picks for this shape."""
-    kernel, tiles = k_products._plan(m, n_out, k // 256, qtype, False, torch.device("cuda"), None)
+    kernel, tiles = k_products._plan(m, n_out, k // 256, qtype, swiglu, torch.device("cuda"), None)
     names = ("block_n", "block_g", "splits", "num_warps") if kernel == "gemv" else \
         ("block_m", "block_n", "splits", "num_warps")
     return dict(kernel=kernel, **dict(zip(names, tiles)))
@@ -137,9 +139,12 @@ def sweep(tiles_path: str, budget: float) -> None:
                     print(f"  {kernel} {tiles}: {type(e).__name__}", flush=True)
                 finally:
                     k_products._plan = plan
+            if not results:
+                continue
             results.sort()
             ms, kernel, tiles = results[0]
-            rule_ms = next(r[0] for r in results if (r[1], r[2]) == candidates(m, n_out, k, qtype)[0])
+            rule_ms = next((r[0] for r in results if (r[1], r[2]) == candidates(m, n_out, k, qtype)[0]),
+                           float("nan"))
             for other in ("gemv", "tiled"):  # one entry per shape: the winner's
                 best.pop(k_products.tiles_key(other, qtype, m, n_out, k // 32, swiglu), None)
             best[k_products.tiles_key(kernel, qtype, m, n_out, k // 32, swiglu)] = list(tiles)
@@ -147,6 +152,7 @@ def sweep(tiles_path: str, budget: float) -> None:
             print(f"{name} {n:6d}x{k:5d}{' swiglu' if swiglu else '       '} M={m:2d}: best {kernel} {tiles} "
                   f"{ms * 1e3:7.1f} us {moved / ms / 1e6:6.0f} GB/s (rules {rule_ms * 1e3:7.1f} us, "
                   f"{len(results)} tried)", flush=True)
+            path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
         del copies, w
         torch.cuda.empty_cache()
     path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
@@ -162,6 +168,8 @@ def main():
     ap.add_argument("--types", default="Q4_K,Q5_K,Q6_K")
     ap.add_argument("--m", default="1,2,4,8,16,32")
     args = ap.parse_args()
+    if not args.sweep and not args.json:
+        ap.error("--json is required without --sweep")
     if args.sweep:
         return sweep(args.tiles, args.budget)
     ms_list = [int(m) for m in args.m.split(",")]
@@ -188,7 +196,7 @@ def main():
                                              return_mode="median")
                 moved = w.numel() + x.numel() * 2 + m * n_out * 2
                 gbs = moved / (ms * 1e-3) / 1e9
-                plan = plan_of(m, n_out, k, qtype)
+                plan = plan_of(m, n_out, k, qtype, swiglu)
                 row = dict(type=name, n=n, k=k, swiglu=swiglu, m=m, us=ms * 1e3, gb_s=gbs,
                            of_copy=gbs / copy_gbs, rel_err=err, weight_bytes=w.numel(), copies=len(copies),
                            tiles=plan)

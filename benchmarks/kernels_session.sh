@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The kernels issue's measurements on one GPU machine, in three calls of under ten minutes each
-# (each on the same, still warm machine), and the new architectures' rows in one call of their
-# own. Needs the bundle of prepare_device_bundle.sh.
+# The kernels issue's measurements on one GPU machine, in steps that each finish within ten
+# minutes (one, two, three, f16-prefetch, on the same machine), and the new architectures' rows
+# in one step of their own (four). Needs the bundle of prepare_device_bundle.sh.
 #
 #   kernels_session.sh one BUNDLE   set-up (llama.cpp builds and the models are written in the
 #                                   background), the kernels' GPU tests, the K-quant products
@@ -23,7 +23,8 @@
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 run() { bash "$here/device_run.sh" "$@"; }
-m=/tmp/pipellm
+m=${PIPELLM_DEVICE_WORK:-/tmp/pipellm}
+export OUT=${OUT:-/tmp/out}
 export PIPELLM_TEST_VOCAB=$m/smollm2-vocab.gguf
 BUNDLE=${BUNDLE:-.bundle}
 [ -f $m/k_tiles.json ] && export PIPELLM_K_TILES=$m/k_tiles.json
@@ -46,8 +47,7 @@ two)
   run model "$2"
   timeout 260 bash "$here/device_run.sh" py benchmarks/kernel_probe_k.py --sweep --budget 4 --tiles $m/k_tiles.json \
     | tee "$OUT/sweep_k.txt"
-  cp $m/k_tiles.json "$OUT/k_tiles.json"
-  export PIPELLM_K_TILES=$m/k_tiles.json
+  if [ -f $m/k_tiles.json ]; then cp $m/k_tiles.json "$OUT/k_tiles.json"; export PIPELLM_K_TILES=$m/k_tiles.json; fi
   timeout 60 bash "$here/device_run.sh" py benchmarks/kernels.py --models llama-8b-q4_k_m --batches 1,8,32 \
     --json "$OUT/kernels_q4_k_m.json" | tee "$OUT/kernels_q4_k_m.txt" | tail -20
   run wait || exit 1
@@ -71,7 +71,7 @@ f16-prefetch)
     -O prefetch.resident_layers=16 --baseline-gpu-layers 16 -b 1,8,32 -n 32 --repeats 2
   ;;
 four)
-  unset PIPELLM_Q32_TILES  # no sweep ran on this machine: the table shipped with the package
+  unset PIPELLM_K_TILES PIPELLM_Q32_TILES  # the tables shipped with the package
   run setup "$2" gemma3-270m-q4_k_m qwen3-8b-q4_k_m
   run wait || exit 1
   BATCHES=1,32 bench gemma3-270m-q4_k_m "Gemma 3 270M shape Q4_K_M mix, Gemma 3 tokenizer" gemma3-270m-q4_k_m.gguf

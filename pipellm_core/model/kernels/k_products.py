@@ -27,11 +27,15 @@ and the scaling float32. The activations are `activation_q8.Q8Activations`, roun
 of 32 as llama.cpp rounds them for its CUDA products.
 
 Kernels:
-  - up to GEMV_MAX_ROWS rows of x (a decode step): a matrix-vector kernel that reads each weight
-    word once for all rows of the step, split over K where the matrix has few rows for its
-    length (float32 partials added in a fixed order by a second kernel: no atomics);
-  - more rows (larger batches, prefill): a tiled kernel that unpacks one block of 32 values of
-    each weight row at a time into an int8 tile in K order and multiplies it with `tl.dot`.
+  - "gemv", up to GEMV_MAX_ROWS rows of x (a decode step): a matrix-vector kernel that reads
+    each weight word once for all rows of the step, split over K where the matrix has few rows
+    for its length (float32 partials added in a fixed order by a second kernel: no atomics);
+  - "tiled", more rows (larger batches, prefill): unpacks one block of 32 values of each weight
+    row at a time into an int8 tile in K order and multiplies it with `tl.dot`, split over K
+    where its row tiles alone do not fill the GPU.
+Which kernel and tiles serve a shape comes from `k_tiles.json` where it was measured for the GPU
+model (`benchmarks/kernel_probe_k.py --sweep`; there a shape may take the tiled kernel at 8 rows
+or fewer), else from the rules above.
 With swiglu, both take the gate and up halves of one matrix and return silu(gate) * up.
 
 Why written here: no maintained library multiplies by GGUF K-quant blocks in PyTorch on NVIDIA
