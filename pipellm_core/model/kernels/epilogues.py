@@ -23,6 +23,23 @@ if triton is not None:
         return gate / (1.0 + tl.exp(tl.minimum(-gate, 80.0))) * up
 
     @triton.jit
+    def store_sums(out_ptr, acc, up, rm, rn, ok, N, pid_s, stride_os, SWIGLU: tl.constexpr, SPLIT: tl.constexpr):
+        """A product program's float32 sums for x rows `rm` and output columns `rn` (`up`: the up
+        half's, where SWIGLU; else unused). SPLIT: into the partials [splits, M, n] at split
+        `pid_s` (both halves, for `sum_splits` to pair); else silu(gate) * up or the sums, fp16,
+        into out [M, N]."""
+        rows = rm[:, None].to(tl.int64)
+        if SPLIT:
+            part = out_ptr + pid_s.to(tl.int64) * stride_os + rows * (N * 2 if SWIGLU else N) + rn[None, :]
+            tl.store(part, acc, mask=ok)
+            if SWIGLU:
+                tl.store(part + N, up, mask=ok)
+        else:
+            if SWIGLU:
+                acc = silu_times(acc, up)
+            tl.store(out_ptr + rows * N + rn[None, :], acc.to(tl.float16), mask=ok)
+
+    @triton.jit
     def _sum_splits_kernel(part_ptr, out_ptr, M, N_OUT, SPLITS, SWIGLU: tl.constexpr, BLOCK: tl.constexpr):
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = i < M * N_OUT

@@ -57,7 +57,7 @@ try:
     import triton
     import triton.language as tl
 
-    from pipellm_core.model.kernels.epilogues import silu_times, sum_splits
+    from pipellm_core.model.kernels.epilogues import store_sums, sum_splits
     from pipellm_core.model.kernels.q32_products import _load_words, dot4
 except ImportError:  # pragma: no cover - only the layout and `dequantize` serve then
     triton = None
@@ -240,19 +240,11 @@ if triton is not None:
         o_ok = (rm < M)[:, None] & n_ok[None, :]
         acc = _gemv_rows(xq32, xd, xs, w8, w32, w16, rn, n_ok, M, row_bytes, g_start, g_end,
                          QT, NB, ALIGNED, ASM, BLOCK_M, BLOCK_N, BLOCK_G)
+        up = acc
         if SWIGLU:
             up = _gemv_rows(xq32, xd, xs, w8, w32, w16, rn + N, n_ok, M, row_bytes, g_start, g_end,
                             QT, NB, ALIGNED, ASM, BLOCK_M, BLOCK_N, BLOCK_G)
-        if SPLIT:
-            rows_w = N * 2 if SWIGLU else N
-            part = out_ptr + pid_s.to(tl.int64) * stride_os + rm[:, None] * rows_w + rn[None, :]
-            tl.store(part, acc, mask=o_ok)
-            if SWIGLU:
-                tl.store(part + N, up, mask=o_ok)
-        else:
-            if SWIGLU:
-                acc = silu_times(acc, up)
-            tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(tl.float16), mask=o_ok)
+        store_sums(out_ptr, acc, up, rm, rn, o_ok, N, pid_s, stride_os, SWIGLU, SPLIT)
 
     @triton.jit
     def _tiled_rows(xq, xd, xs, w8, w32, w16, rm, rows, row_ok, M, row_bytes, b_start, b_end,
@@ -324,20 +316,11 @@ if triton is not None:
         b_end = tl.minimum(b_start + blocks_per_split, NB * 8)
         acc = _tiled_rows(xq, xd, xs, w8, w32, w16, rm, rn, n_ok, M, row_bytes, b_start, b_end,
                           QT, NB, ALIGNED, BLOCK_M, BLOCK_N)
+        up = acc
         if SWIGLU:
             up = _tiled_rows(xq, xd, xs, w8, w32, w16, rm, rn + N, n_ok, M, row_bytes, b_start, b_end,
                              QT, NB, ALIGNED, BLOCK_M, BLOCK_N)
-        o_ok = (rm < M)[:, None] & n_ok[None, :]
-        if SPLIT:
-            rows_w = N * 2 if SWIGLU else N
-            part = out_ptr + pid_s.to(tl.int64) * stride_os + rm[:, None].to(tl.int64) * rows_w + rn[None, :]
-            tl.store(part, acc, mask=o_ok)
-            if SWIGLU:
-                tl.store(part + N, up, mask=o_ok)
-        else:
-            if SWIGLU:
-                acc = silu_times(acc, up)
-            tl.store(out_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], acc.to(tl.float16), mask=o_ok)
+        store_sums(out_ptr, acc, up, rm, rn, (rm < M)[:, None] & n_ok[None, :], N, pid_s, stride_os, SWIGLU, SPLIT)
 
 
 def _pow2_at_least(v: int) -> int:

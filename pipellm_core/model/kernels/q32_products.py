@@ -46,7 +46,7 @@ try:
     import triton
     import triton.language as tl
 
-    from pipellm_core.model.kernels.epilogues import silu_times, sum_splits
+    from pipellm_core.model.kernels.epilogues import silu_times, store_sums, sum_splits
 except ImportError:  # pragma: no cover - only the layout and `dequantize` serve then
     triton = None
 
@@ -197,20 +197,11 @@ if triton is not None:
         o_ok = (rm < M)[:, None] & n_ok[None, :]
         acc = _gemv_rows(xq32, xd, xs, w8, w32, w16, rn, n_ok, M, row_bytes, b_start, b_end,
                          NB, FOUR_BIT, HAS_MIN, ALIGNED, ASM, BLOCK_M, BLOCK_N, BLOCK_B)
-        if SPLIT:
-            rows_w = N * 2 if SWIGLU else N
-            part = out_ptr + pid_s.to(tl.int64) * stride_os + rm[:, None] * rows_w + rn[None, :]
-            tl.store(part, acc, mask=o_ok)
-            if SWIGLU:
-                up = _gemv_rows(xq32, xd, xs, w8, w32, w16, rn + N, n_ok, M, row_bytes, b_start, b_end,
-                                NB, FOUR_BIT, HAS_MIN, ALIGNED, ASM, BLOCK_M, BLOCK_N, BLOCK_B)
-                tl.store(part + N, up, mask=o_ok)
-        else:
-            if SWIGLU:
-                up = _gemv_rows(xq32, xd, xs, w8, w32, w16, rn + N, n_ok, M, row_bytes, b_start, b_end,
-                                NB, FOUR_BIT, HAS_MIN, ALIGNED, ASM, BLOCK_M, BLOCK_N, BLOCK_B)
-                acc = silu_times(acc, up)
-            tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(tl.float16), mask=o_ok)
+        up = acc
+        if SWIGLU:
+            up = _gemv_rows(xq32, xd, xs, w8, w32, w16, rn + N, n_ok, M, row_bytes, b_start, b_end,
+                            NB, FOUR_BIT, HAS_MIN, ALIGNED, ASM, BLOCK_M, BLOCK_N, BLOCK_B)
+        store_sums(out_ptr, acc, up, rm, rn, o_ok, N, pid_s, stride_os, SWIGLU, SPLIT)
 
     @triton.jit
     def _tiled_rows(xq, xd, xs, w8, w32, w16, rm, rows, row_ok, M, row_bytes,
