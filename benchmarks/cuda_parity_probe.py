@@ -26,7 +26,7 @@ def run_setting(dtype: str, kernels: str) -> dict:
 import json, torch
 from pipellm_core.runtime.engine import Engine
 from pipellm_core.llamacpp.backend import LlamaCppBackend
-from tests.test_parity_llamacpp import PROMPTS, greedy, rel_err
+from tests.llamacpp.test_parity_llamacpp import PROMPTS, greedy, rel_err
 engine = Engine({path!r}, device="cuda", max_batch=1, ctx_size=512, progress=False, dtype=torch.{dtype})
 ref = LlamaCppBackend({path!r}, device="cuda", max_batch=1, ctx_size=512)
 prompts = []

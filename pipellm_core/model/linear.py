@@ -1,11 +1,15 @@
 """One matrix product of the model, by whichever path serves its weights here: the kernels of
 the weights' layout on the GPU, the fp16 product kernel, or the torch path (dequantize, then
-multiply), after the activation rounding llama.cpp applies for the weights' type."""
+multiply), after the activation rounding llama.cpp applies for the weights' type. F32 weights
+on CUDA are multiplied in TF32 where llama.cpp's CUDA build does so."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType as GGMLType
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from pipellm_core.model.activation_rounding import round_like_llamacpp
@@ -13,6 +17,10 @@ from pipellm_core.model.cpu_weights import dense_weight
 from pipellm_core.model.kernels import products, quant_matmul
 from pipellm_core.model.kernels.activation_q8 import Q8Activations
 from pipellm_core.model.weights import QuantizedMatrix
+
+# llama.cpp's CUDA build multiplies F32 weights in float32 by at most 3 activation rows
+# (`mmvf`) and in TF32 by more (its F32 tensor-core kernel `mmf`, and cuBLAS in TF32 math mode)
+LLAMACPP_F32_ROWS = 3
 
 
 def linear(x: torch.Tensor, w: QuantizedMatrix, bias: torch.Tensor | None = None, *,
@@ -36,8 +44,28 @@ def linear(x: torch.Tensor, w: QuantizedMatrix, bias: torch.Tensor | None = None
     elif x.device.type == "cpu":
         y = x @ dense_weight(w, x.dtype).t()
     else:
-        y = x @ w.dequantize(x.dtype).t()
+        rows = x.numel() // x.shape[-1]
+        with tf32_products(f32_in_tf32(w.qtype, x.dtype, rows, x.device.type)):
+            y = x @ w.dequantize(x.dtype).t()
     return y + bias.to(y.dtype) if bias is not None else y
+
+
+def f32_in_tf32(qtype: GGMLType, dtype: torch.dtype, rows: int, device_kind: str) -> bool:
+    """Whether llama.cpp's CUDA build would multiply `rows` activation rows by weights of
+    `qtype` in TF32 (computing in `dtype` on `device_kind`)."""
+    return (device_kind == "cuda" and qtype == GGMLType.F32 and dtype == torch.float32
+            and rows > LLAMACPP_F32_ROWS)
+
+
+@contextlib.contextmanager
+def tf32_products(on: bool):
+    """cuBLAS float32 products in TF32 within the block where `on`."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def round_once(x: torch.Tensor, mats: list[QuantizedMatrix]) -> tuple[torch.Tensor, bool]:
