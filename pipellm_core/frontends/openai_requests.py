@@ -195,6 +195,8 @@ def parse_generation(body, *, chat: bool, defaults: SamplingDefaults) -> Generat
     repeat_penalty = _in_range("repeat_penalty", _field(body, "repeat_penalty", _is_number, "a number",
                                                         defaults.repeat_penalty), 0, None, low_open=True)
     seed = _field(body, "seed", _is_int, "an integer", defaults.seed)
+    if seed is not None:
+        _in_range("seed", seed, -2 ** 63, 2 ** 64 - 1)  # what a random generator's seed holds
     ignore_eos = _field(body, "ignore_eos", lambda v: isinstance(v, bool), "a boolean", False)
     return GenerationRequest(
         chat=chat, model=model,

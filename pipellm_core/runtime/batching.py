@@ -118,12 +118,23 @@ class ContinuousBatcher:
             active = self._retire(active, free)
 
     @staticmethod
-    def pick_tokens(reqs: list[Request], logits) -> list[int]:
-        """Next token of each request; all-greedy batches take one argmax (one device sync)."""
+    def pick_tokens(reqs: list[Request], logits, failed=None) -> list[int | None]:
+        """Next token of each request; all-greedy batches take one argmax (one device sync).
+        With `failed`, a request whose sampling raises is passed to failed(request, error) and
+        gets None, and the others their tokens."""
         if all(r.params.greedy and r.params.repeat_penalty == 1.0 for r in reqs):
             stacked = logits if isinstance(logits, torch.Tensor) else torch.stack(list(logits))
             return stacked.argmax(-1).tolist()
-        return [r.sampler(logits[i], r.history()) for i, r in enumerate(reqs)]
+        picks: list[int | None] = []
+        for i, r in enumerate(reqs):
+            try:
+                picks.append(r.sampler(logits[i], r.history()))
+            except Exception as e:
+                if failed is None:
+                    raise
+                failed(r, e)
+                picks.append(None)
+        return picks
 
     def _retire(self, active: list[Request], free: list[int]) -> list[Request]:
         for req in active:

@@ -24,6 +24,9 @@ from pipellm_core.errors import PipeLLMError
 from pipellm_core.runtime.request import Timer
 
 
+SPEED_REPEATS = 10  # products timed by `CudaPlatform.stage_speed`
+
+
 class Platform:
     """The plain CPU: no GPU, nothing to order or capture. The base of the other platforms."""
 
@@ -47,6 +50,11 @@ class Platform:
     def free_memory(self) -> int:
         """Bytes free on the engine's GPU now."""
         raise PipeLLMError("the CPU platform has no device memory to measure")
+
+    def stage_speed(self, stage: int) -> float:
+        """How fast the GPU of pipeline stage `stage` multiplies matrices, in FLOP/s, measured
+        where it can be (the pipeline's split gives faster GPUs more layers); 1.0 on the CPU."""
+        return 1.0
 
     # --- after the weights load -------------------------------------------------------------
 
@@ -181,6 +189,22 @@ class CudaPlatform(Platform):
     def free_memory(self) -> int:
         free, _total = torch.cuda.mem_get_info(torch.device(self.device))
         return free
+
+    def stage_speed(self, stage: int) -> float:
+        """A bf16 product of a layer's size ([256, 4096] by [4096, 4096]) timed on the stage's GPU."""
+        device = self.stage_placement(stage)
+        with torch.cuda.device(device):
+            a = torch.randn(256, 4096, device=device, dtype=torch.bfloat16)
+            b = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+            for _ in range(3):
+                a @ b
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(SPEED_REPEATS):
+                a @ b
+            end.record()
+            end.synchronize()
+        return 2 * 256 * 4096 * 4096 * SPEED_REPEATS / (start.elapsed_time(end) / 1e3)
 
     def place(self, engine) -> None:
         super().place(engine)

@@ -73,6 +73,9 @@ class Sampler:
         logits = apply_repeat_penalty(logits, history, p.repeat_penalty, p.repeat_last_n)
         if p.greedy:
             return int(torch.argmax(logits))
-        logits = filter_logits(logits, p) / p.temperature
-        probs = torch.softmax(logits, -1).cpu()
+        # from the largest logit down, so that a tiny temperature or a huge penalty overflows to
+        # -inf (a token left out) rather than to inf - inf
+        logits = torch.nan_to_num(filter_logits(logits, p), nan=float("-inf"),
+                                  posinf=torch.finfo(torch.float32).max, neginf=float("-inf"))
+        probs = torch.softmax((logits - logits.max()) / p.temperature, -1).cpu()
         return int(torch.multinomial(probs, 1, generator=self.generator))

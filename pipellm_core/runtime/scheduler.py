@@ -164,7 +164,7 @@ class EngineLoop:
         try:
             with b.step_timer() as t:
                 logits = b.prefill_logits(reqs)
-                picks = b.pick_tokens(reqs, logits)
+                picks = b.pick_tokens(reqs, logits, self._sampling_failed(admitted))
         except Exception as e:  # the backend failed: these requests end, the loop goes on
             self._fail(admitted, e)
             return
@@ -175,6 +175,8 @@ class EngineLoop:
         self.steps.append(StepRecord("prefill", len(reqs), t.seconds))
         for job, tok in zip(admitted, picks):
             req = job.request
+            if tok is None:  # its sampling failed: it ends alone
+                continue
             if req.max_tokens <= 0:
                 req.finish_reason = "length"
             elif b.accept_token(req, tok):
@@ -192,7 +194,7 @@ class EngineLoop:
         try:
             with b.step_timer() as t:
                 logits = b.decode_logits(reqs)
-                picks = b.pick_tokens(reqs, logits)
+                picks = b.pick_tokens(reqs, logits, self._sampling_failed(live))
         except Exception as e:
             self._fail(live, e)
             return
@@ -202,7 +204,7 @@ class EngineLoop:
         self.steps.append(StepRecord("decode", len(reqs), t.seconds))
         self._recent_decode.append((time.monotonic(), len(reqs), t.seconds))
         for job, tok in zip(live, picks):
-            if not job.request.finished and b.accept_token(job.request, tok):
+            if tok is not None and not job.request.finished and b.accept_token(job.request, tok):
                 self._deliver(job, tok)
 
     def _deliver(self, job: Job, token: int) -> None:
@@ -212,6 +214,11 @@ class EngineLoop:
         except Exception as e:
             job.request.finish_reason = "error"
             job.error = e
+
+    def _sampling_failed(self, jobs: list[Job]):
+        """pick_tokens' `failed`: the job of a request whose sampling raised ends with that error."""
+        of_request = {id(j.request): j for j in jobs}
+        return lambda request, error: self._fail([of_request[id(request)]], error)
 
     def _fail(self, jobs: list[Job], error: BaseException) -> None:
         for job in jobs:

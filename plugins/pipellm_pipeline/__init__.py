@@ -1,11 +1,14 @@
 """pipeline: the layers split over several GPUs, kept busy with micro-batches.
 
-At load time the layers are split into contiguous stages of about equal bytes, stage s on GPU s
-(its weights and its KV cache there); the embedding goes with the first stage, the output head
-with the last, and their bytes count in those stages' shares. With per-GPU budgets
-(`--vram-budget 24GiB,16GiB`) each stage's share follows its budget, and a stage whose weights
-exceed its budget is an error, unless `prefetch` streams the excess (each stage streams what
-exceeds its own budget). The partition is printed on stderr. Each decode step splits its batch into micro-batches that flow through the stages
+At load time the layers are split into contiguous stages whose steps take about equal time,
+stage s on GPU s (its weights and its KV cache there): each stage's share of the bytes a step
+reads follows its GPU's speed (measured, or `pipeline.speeds`); the embedding goes with the first
+stage and counts for nothing there (a lookup), the output head with the last, where its product
+counts. With per-GPU budgets (`--vram-budget 24GiB,16GiB`), where that split leaves a stage
+over its budget, the shares follow the budgets instead (by bytes held, the embedding's
+included), and a stage whose weights still exceed its budget is an error, unless `prefetch`
+streams the excess (each stage streams what exceeds its own budget). The partition is printed
+on stderr. Each decode step splits its batch into micro-batches that flow through the stages
 in a fill-and-drain pipeline (`split.pipeline_schedule`), so while GPU 1 runs micro-batch 0,
 GPU 0 already runs micro-batch 1 (with one micro-batch, the default, the GPUs take turns).
 With `pipeline.groups=N` the engine instead keeps N groups of sequences in flight across steps
@@ -24,7 +27,13 @@ Options (`-O pipeline.KEY=VALUE`):
                          many groups as stages, stage s runs group g while stage s-1 runs
                          group g+1, and no step drains the pipeline (`runtime.group_batching`)
   pipeline.budgets       GPU memory for each stage's weights, comma-separated, one per stage
-                         (`--vram-budget` with a list sets it): shares and limits of the split
+                         (`--vram-budget` with a list sets it): limits of the split, and its
+                         shares where the split by speed exceeds them
+  pipeline.speeds        each stage's GPU speed, comma-separated (e.g. 1,0.6; default: measured
+                         with a bf16 product on each GPU, speeds within 10% of the fastest
+                         counting as equal; under torchrun, equal)
+  pipeline.split         time (default: steps of about equal time, as above) or bytes (about
+                         equal bytes held on each GPU, the embedding's included)
   pipeline.kv_offload    1: with groups in flight, every group's KV cache lives in host memory
                          and comes to each stage's GPU for the group's turn, which holds the
                          rows of three groups instead of every sequence's (`runtime.group_kv_offload`)
@@ -47,7 +56,8 @@ from .split import end_bytes, group_schedule, pipeline_schedule, split_layers, s
 
 
 
-OPTIONS = ("stages", "micro_batches", "groups", "budgets", "kv_offload")
+OPTIONS = ("stages", "micro_batches", "groups", "budgets", "speeds", "split", "kv_offload")
+SPEED_TOLERANCE = 0.1
 
 
 @hookimpl
@@ -106,18 +116,51 @@ def load_one_stage(plan, config, engine, group):
 
 
 def partition(engine, config, opts: PluginOptions, stages: int) -> list[int]:
-    """The stage of each layer, by bytes (the embedding's and head's included) and budgets;
-    printed on stderr (rank 0 only, under torchrun) where the engine shows progress."""
+    """The stage of each layer. By time (the default): the stages' steps take about equal time,
+    each stage's share of the bytes a step reads (the head's included, not the embedding's: a
+    lookup) in proportion to its GPU's speed. By bytes: each stage holds about equal bytes, the
+    embedding's included. Where budgets are given, the split by bytes follows their shares, and
+    so does the split by time where it leaves a stage over its budget. Printed on stderr (rank 0
+    only, under torchrun) where the engine shows progress."""
     tensors = engine.file.tensors
     layer_bytes = [packed_layer_bytes(tensors, i) for i in range(config.n_layers)]
     first, last = end_bytes(tensors)
     budgets = stage_budgets(opts, stages)
-    of_layer = split_layers(layer_bytes, stages, budgets, first, last)
+    by = opts.get("split", "time")
+    if by not in ("time", "bytes"):
+        raise PluginError(f"pipeline.split: 'time' or 'bytes', got {by!r}")
+    speeds = stage_speeds(engine, opts, stages) if by == "time" else [1.0] * stages
+    of_layer = (split_layers(layer_bytes, stages, speeds, 0, last) if by == "time"
+                else split_layers(layer_bytes, stages, None, first, last))
     held = stage_bytes(of_layer, layer_bytes, first, last)
+    if budgets and (by == "bytes" or any(b > limit for b, limit in zip(held, budgets))):
+        of_layer = split_layers(layer_bytes, stages, budgets, first, last)
+        held = stage_bytes(of_layer, layer_bytes, first, last)
     if engine.progress and (engine.stage_group is None or engine.stage_group.first):
-        print_split(of_layer, held, budgets)
+        print_split(of_layer, held, budgets, speeds)
     engine.plugin_state["pipeline.budgets"] = budgets
     return of_layer
+
+
+def stage_speeds(engine, opts: PluginOptions, stages: int) -> list[float]:
+    """Each stage's GPU speed relative to the fastest: `pipeline.speeds` where given, else
+    measured by the platform (one process; under torchrun the stages count as equal). Speeds
+    within SPEED_TOLERANCE of the fastest count as equal, so that timing noise between like
+    GPUs does not move layers from one load to the next."""
+    text = opts.get("speeds")
+    if text is not None:
+        try:
+            speeds = [float(part) for part in str(text).split(",")]
+        except ValueError:
+            raise PluginError(f"pipeline.speeds: numbers separated by commas, got {text!r}") from None
+        if len(speeds) != stages or min(speeds) <= 0:
+            raise PluginError(f"pipeline: {text!r} for {stages} stages; give one speed above zero per stage")
+    elif engine.stage_group is None:
+        speeds = [engine.platform.stage_speed(s) for s in range(stages)]
+    else:
+        speeds = [1.0] * stages
+    fastest = max(speeds)
+    return [1.0 if v >= (1 - SPEED_TOLERANCE) * fastest else v / fastest for v in speeds]
 
 
 @hookimpl
@@ -153,13 +196,14 @@ def stage_budgets(opts: PluginOptions, stages: int) -> list[int] | None:
     return budgets
 
 
-def print_split(of_layer: list[int], held: list[int], budgets: list[int] | None) -> None:
+def print_split(of_layer: list[int], held: list[int], budgets: list[int] | None, speeds: list[float]) -> None:
     spans = [[i for i, s in enumerate(of_layer) if s == k] for k in range(len(held))]
     parts = []
     for k, a in enumerate(spans):
         ends = (" + embedding" if k == 0 else "") + (" + head" if k == len(held) - 1 else "")
         limit = f" of {format_size(budgets[k])}" if budgets else ""
-        parts.append(f"stage {k}: layers {a[0]}-{a[-1]}{ends}, {format_size(held[k])}{limit}")
+        speed = f", speed {speeds[k]:.2f}" if min(speeds) < 1.0 else ""
+        parts.append(f"stage {k}: layers {a[0]}-{a[-1]}{ends}, {format_size(held[k])}{limit}{speed}")
     print("pipeline: " + "; ".join(parts), file=sys.stderr)
 
 

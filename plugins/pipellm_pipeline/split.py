@@ -6,24 +6,39 @@ from pipellm_core.model.weights import packed_bytes
 from pipellm_core.runtime.step import Schedule, StepBatch
 
 
-def split_layers(layer_bytes: list[int], n_stages: int, shares: list[float] | None = None,
-                 first_bytes: int = 0, last_bytes: int = 0) -> list[int]:
-    """The stage of each layer: contiguous runs of layers, each stage's bytes as close to its
-    share of the whole (`shares`, default equal) as whole layers allow. The first stage also
-    holds `first_bytes` (the embedding) and the last `last_bytes` (the head), which count."""
+def split_layers(layer_bytes: list[float], n_stages: int, shares: list[float] | None = None,
+                 first_bytes: float = 0, last_bytes: float = 0) -> list[int]:
+    """The stage of each layer: contiguous runs of layers, at least one a stage, whose largest
+    load over share is as small as whole layers allow (shares default equal). A stage's load is
+    the bytes of its layers; the first stage's also `first_bytes` (the embedding) and the
+    last's `last_bytes` (the head). Among the splits that reach that least load, the earlier
+    stages take as many layers as it allows."""
     n = len(layer_bytes)
     n_stages = max(1, min(n_stages, n))
     shares = shares or [1.0] * n_stages
-    total = sum(layer_bytes) + first_bytes + last_bytes
-    bounds = [total * sum(shares[:k + 1]) / sum(shares) for k in range(n_stages)]
-    stages, acc, stage = [], first_bytes, 0
-    for i, b in enumerate(layer_bytes):
-        # move on to the next stage once this one has its share, leaving a layer for every later stage
-        if stage < n_stages - 1 and acc + b / 2 > bounds[stage] and i > 0 and stages[-1] == stage:
-            stage += 1
-        stage = max(stage, n_stages - (n - i))  # leave at least one layer for every later stage
-        stages.append(stage)
-        acc += b
+    prefix = [0.0]
+    for b in layer_bytes:
+        prefix.append(prefix[-1] + b)
+
+    def load(k: int, start: int, stop: int) -> float:  # stage k holding layers start..stop-1
+        ends = (first_bytes if k == 0 else 0) + (last_bytes if k == n_stages - 1 else 0)
+        return (prefix[stop] - prefix[start] + ends) / shares[k]
+
+    # least[k][j]: the least largest load of stages 0..k holding layers 0..j-1
+    least = [[float("inf")] * (n + 1) for _ in range(n_stages)]
+    for j in range(1, n + 1):
+        least[0][j] = load(0, 0, j)
+    for k in range(1, n_stages):
+        for j in range(k + 1, n + 1):
+            least[k][j] = min(max(least[k - 1][i], load(k, i, j)) for i in range(k, j))
+    limit = least[-1][n] * (1 + 1e-9)
+    stages, start = [], 0
+    for k in range(n_stages):
+        stop = n if k == n_stages - 1 else start + 1
+        while k < n_stages - 1 and stop < n - (n_stages - 1 - k) and load(k, start, stop + 1) <= limit:
+            stop += 1
+        stages += [k] * (stop - start)
+        start = stop
     return stages
 
 

@@ -191,3 +191,29 @@ def test_sim_batch_grows_and_shrinks(tiny):
         assert tail == sorted(tail, reverse=True) and set(tail) == {1, 2, 3, 4}  # requests leave one by one
         assert all(s.seconds > 0 for s in state.loop.steps)  # virtual time of the simulated GPU
         assert state.llm.backend.sim is not None
+
+
+@pytest.mark.parametrize("plugin_flags", [
+    ["--plugins", "graphs"],
+    ["--plugins", "prefetch", "-O", "prefetch.resident_layers=2"],
+    ["--plugins", "pipeline,graphs", "--sim-devices", "2"],
+], ids=["graphs", "prefetch", "pipeline+graphs"])
+def test_plugins_under_the_server_give_the_plain_answers(tiny, plugin_flags):
+    """The plugins run under `serve` as under `run`: on the sim, concurrent greedy requests get
+    the answers of the server without plugins."""
+    base_flags = ["-m", tiny, "-np", "4", "-c", "256", "--temp", "0", "--backend", "sim", "--alias", "tiny"]
+    lengths = [4, 7, 10, 13, 5]  # five requests, four slots: one waits, joins and leaves
+
+    def answers(flags):
+        with running_server(settings_from_flags(flags)) as (base, state):
+            c = client(base)
+            with ThreadPoolExecutor(5) as pool:
+                out = list(pool.map(lambda i: c.completions.create(model="tiny", prompt=PROMPTS[i],
+                                                                   max_tokens=lengths[i]).choices[0].text,
+                                    range(len(lengths))))
+            return out, state
+    plain, _ = answers(base_flags)
+    with_plugins, state = answers(base_flags + plugin_flags)
+    assert with_plugins == plain
+    pm = state.llm.backend.pm
+    assert all(pm.get_plugin(name) is not None for name in plugin_flags[1].split(","))

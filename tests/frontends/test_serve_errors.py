@@ -56,6 +56,7 @@ def test_malformed_json_is_400(api, body):
     ("/v1/completions", {"prompt": "x", "top_p": 0}, "top_p"),
     ("/v1/completions", {"prompt": "x", "stop": 3}, "stop"),
     ("/v1/completions", {"prompt": "x", "seed": 1.5}, "seed"),
+    ("/v1/completions", {"prompt": "x", "seed": 2 ** 64}, "seed"),
     ("/v1/completions", {"prompt": "x", "stream": "yes"}, "stream"),
     ("/v1/completions", {"prompt": "x", "n": 2}, "n"),
     ("/v1/completions", {"prompt": "x", "logprobs": 3}, "logprobs"),
@@ -163,3 +164,49 @@ def test_an_engine_failure_ends_only_its_requests(api):
     r = api.post("/v1/completions", json={"prompt": "x", "max_tokens": 3})
     assert_error(r, 500, "generation_failed")
     still_serving(api)
+
+
+def test_extreme_sampling_settings_are_served_beside_others(api):
+    """Settings at the edges of their ranges (a temperature near zero, penalties that overflow)
+    sample as they should, in the same steps as other requests, and fail none of them."""
+    bodies = [{"prompt": "x", "max_tokens": 4, "temperature": 1e-45},
+              {"prompt": "x", "max_tokens": 4, "temperature": 0.9, "repeat_penalty": 1e-30, "seed": 1},
+              {"prompt": "x", "max_tokens": 4, "temperature": 0.9, "repeat_penalty": 1e30, "seed": 2},
+              {"prompt": "x", "max_tokens": 4, "temperature": 0}]
+    answers = [None] * len(bodies)
+
+    def post(i):
+        answers[i] = api.post("/v1/completions", json=bodies[i])
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in answers:
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 4
+    # the temperature near zero is greedy
+    assert answers[0].json()["choices"][0]["text"] == answers[3].json()["choices"][0]["text"]
+
+
+def test_a_failing_sampler_ends_only_its_request(api, monkeypatch):
+    from pipellm_core.runtime.sampling import Sampler
+    real = Sampler.__call__
+
+    def failing(self, logits, history):
+        if self.params.seed == 13:
+            raise RuntimeError("injected sampler failure")
+        return real(self, logits, history)
+
+    monkeypatch.setattr(Sampler, "__call__", failing)
+    bad = {"prompt": "x", "max_tokens": 8, "temperature": 0.9, "seed": 13}
+    good = {"prompt": "x", "max_tokens": 8, "temperature": 0.9, "seed": 14}
+    answers = {}
+    threads = [threading.Thread(target=lambda k=k, b=b: answers.update({k: api.post("/v1/completions", json=b)}))
+               for k, b in (("bad", bad), ("good", good))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert_error(answers["bad"], 500, "generation_failed")
+    assert answers["good"].status_code == 200 and answers["good"].json()["usage"]["completion_tokens"] == 8

@@ -1,6 +1,7 @@
-"""The new architectures across the engine: on the sim backend with and without the graphs,
-prefetch and pipeline plugins (the same greedy tokens as the plain CPU run in the same step
-shapes), through `pipellm bench`'s ablation, and the GPU decode layer stepping aside for them."""
+"""The new architectures (qwen3, gemma2, gemma3, phi3) across the engine: on the sim backend
+with and without the graphs, prefetch and pipeline plugins (the same greedy tokens as the plain
+CPU run in the same step shapes), through `pipellm bench`'s ablation, and the GPU decode layer
+stepping aside for them."""
 
 from dataclasses import replace
 from types import SimpleNamespace
@@ -17,11 +18,17 @@ from pipellm_core.runtime.request import Request
 from pipellm_core.runtime.sampling import SamplingParams
 
 
-@pytest.fixture(scope="module")
-def gemma3_q8(tmp_path_factory, vocab_path):
-    """Gemma 3 of six layers (local and global), quantized: rounding and dequantization in every step."""
-    path = tmp_path_factory.mktemp("arch-engines") / "gemma3.gguf"
-    return write_random_gguf(str(path), "tiny-gemma3", GGMLType.Q8_0, tokenizer_from=vocab_path, std=0.3, seed=5)
+NEW_ARCHS = ("qwen3", "gemma2", "gemma3", "phi3")
+
+
+@pytest.fixture(scope="module", params=NEW_ARCHS)
+def arch_q8(request, tmp_path_factory, vocab_path):
+    """Each new architecture, small, every optional tensor and key present (Gemma's local and
+    global layers, phi3's fused matrices and RoPE factors), quantized: rounding and
+    dequantization in every step."""
+    arch = request.param
+    path = tmp_path_factory.mktemp("arch-engines") / f"{arch}.gguf"
+    return write_random_gguf(str(path), f"tiny-{arch}", GGMLType.Q8_0, tokenizer_from=vocab_path, std=0.3, seed=5)
 
 
 def generate(path, **engine_kw):
@@ -34,16 +41,18 @@ def generate(path, **engine_kw):
     return [r.generated for r in reqs]
 
 
-def test_sim_and_plugins_give_the_cpu_tokens(gemma3_q8):
-    cpu = generate(gemma3_q8, pad_steps=True)
-    assert generate(gemma3_q8, sim="h100") == cpu
-    assert generate(gemma3_q8, sim="h100", plugins=["graphs"]) == cpu
-    assert generate(gemma3_q8, sim="h100", plugins=["prefetch"], plugin_options={"prefetch.resident_layers": 2}) == cpu
-    assert generate(gemma3_q8, sim="h100", sim_devices=2, plugins=["pipeline"]) == cpu
+def test_sim_and_plugins_give_the_cpu_tokens(arch_q8):
+    cpu = generate(arch_q8, pad_steps=True)
+    assert generate(arch_q8, sim="h100") == cpu
+    assert generate(arch_q8, sim="h100", plugins=["graphs"]) == cpu
+    assert generate(arch_q8, sim="h100", plugins=["prefetch"], plugin_options={"prefetch.resident_layers": 2}) == cpu
+    assert generate(arch_q8, sim="h100", sim_devices=2, plugins=["pipeline"]) == cpu
+    assert generate(arch_q8, sim="h100", sim_devices=2, plugins=["pipeline", "graphs"],
+                    plugin_options={"pipeline.groups": 2}) == cpu
 
 
-def test_bench_ablation_on_the_sim(gemma3_q8):
-    rows = ablate(gemma3_q8, [[], ["graphs"]], backend="sim", batch=2, prompt_tokens=12,
+def test_bench_ablation_on_the_sim(arch_q8):
+    rows = ablate(arch_q8, [[], ["graphs"]], backend="sim", batch=2, prompt_tokens=12,
                   n_predict=6, repeats=1, progress=False)
     assert [r["plugins"] for r in rows] == [[], ["graphs"]]
     assert rows[1]["same_tokens"] is True and all(r["ms_per_step"] > 0 for r in rows)

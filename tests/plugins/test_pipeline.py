@@ -51,6 +51,29 @@ def test_layers_split_into_contiguous_stages_of_equal_bytes():
     # shares: budgets of 2:1 put two thirds of the bytes on stage 0
     assert split_layers([1] * 6, 2, shares=[2, 1]) == [0, 0, 0, 0, 1, 1]
     assert split_layers([1] * 6, 3, shares=[1, 1, 4]) == [0, 1, 2, 2, 2, 2]
+
+    # the split by time of a Llama-8B shape: the head reads 2.4 layers' worth of bytes, the
+    # embedding nothing, so the first of two equal GPUs takes 17 layers and the second 15
+    assert split_layers([1.0] * 32, 2, [1.0, 1.0], 0, 2.4).count(0) == 17
+    # a GPU at half speed gets about half the share
+    assert split_layers([1.0] * 32, 2, [1.0, 0.5], 0, 2.4).count(1) == 9
+
+
+def test_split_options_and_speeds(model, capsys):
+    with pytest.raises(PluginError, match="pipeline.split: 'time' or 'bytes'"):
+        Engine(model, sim="h100", sim_devices=2, plugins=["pipeline"], progress=False,
+               plugin_options={"pipeline.split": "layers"})
+    for bad in ("1,x", "1", "1,0"):
+        with pytest.raises(PluginError, match="pipeline"):
+            Engine(model, sim="h100", sim_devices=2, plugins=["pipeline"], progress=False,
+                   plugin_options={"pipeline.speeds": bad})
+    Engine(model, sim="h100", sim_devices=3, plugins=["pipeline"], progress=True,
+           plugin_options={"pipeline.speeds": "1,0.95,0.5"})
+    err = capsys.readouterr().err
+    # within 10% of the fastest counts as the fastest; the slower GPU's speed is printed
+    assert "speed 1.00" in err and "speed 0.50" in err and "speed 0.95" not in err
+    Engine(model, sim="h100", sim_devices=2, plugins=["pipeline"], progress=True)
+    assert "speed" not in capsys.readouterr().err  # the sim's GPUs, measured: all alike
     assert stage_bytes([0, 0, 1], [3, 4, 5], 10, 20) == [17, 25]
     assert micro_batch_rows(32, 2) == [(0, 16), (16, 32)]
     assert micro_batch_rows(3, 2) == [(0, 2), (2, 3)] and micro_batch_rows(1, 4) == [(0, 1)]
@@ -69,7 +92,9 @@ def test_pipeline_gives_the_one_device_tokens(model):
     two, engine = generate(model, sim="h100", sim_devices=2, plugins=["pipeline"],
                            plugin_options={"pipeline.micro_batches": 2})
     assert two == one
-    assert [p.stage for p in engine.plan.layers] == [0, 0, 0, 1, 1, 1]
+    # split by time: the head's product (49152 rows) outweighs four of this model's layers, the
+    # embedding (a lookup) counts for nothing
+    assert [p.stage for p in engine.plan.layers] == [0, 0, 0, 0, 0, 1]
     held = [d.allocated_bytes for d in engine.sim.devices]
     assert all(h > 0 for h in held)  # weights and KV cache on both GPUs
     assert engine.sim.device(1).peak_bytes > 0
@@ -125,7 +150,7 @@ def test_budgets_shape_the_split_and_the_partition_is_printed(model, capsys):
     # stage 1's budget holds the head and one layer, and no more
     budgets = f"{first + 5 * layer},{last + layer}"
     engine = Engine(model, sim="h100", sim_devices=2, plugins=["pipeline"], progress=True,
-                    plugin_options={"pipeline.budgets": budgets})
+                    plugin_options={"pipeline.budgets": budgets, "pipeline.split": "bytes"})
     assert [p.stage for p in engine.plan.layers] == [0, 0, 0, 0, 0, 1]
     err = capsys.readouterr().err
     assert "stage 0: layers 0-4 + embedding" in err and "stage 1: layers 5-5 + head" in err
@@ -247,6 +272,7 @@ def test_prefetch_streams_what_exceeds_each_stage_budget(model):
                                        plugin_options={"pipeline.budgets": budgets, "pipeline.groups": 2,
                                                        "prefetch.slots": 1})
     assert two == one
+    # the split by time would leave stage 0 over its budget: the budgets' split
     assert [p.stage for p in engine.plan.layers] == [0, 0, 0, 1, 1, 1]
     streamed = {s: pipellm_prefetch.plan_of(engine, s).streamed for s in (0, 1)}
     assert streamed == {0: [1, 2], 1: [4, 5]}
@@ -275,7 +301,8 @@ def generate_many(path, **engine_kw):
     return [r.generated for r in reqs], engine
 
 
-OFFLOAD = {"pipeline.groups": 4, "pipeline.kv_offload": 1}
+# split by bytes: three layers a GPU, so that both GPUs have copies to overlap with compute
+OFFLOAD = {"pipeline.groups": 4, "pipeline.kv_offload": 1, "pipeline.split": "bytes"}
 
 
 def test_kv_offload_of_waiting_groups_gives_the_one_device_tokens(model):

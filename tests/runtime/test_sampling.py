@@ -57,3 +57,35 @@ def test_stop_strings_across_pieces():
     assert "".join(t for t, _ in out) == "hello " and out[-1][1]
     m = StopMatcher(["STOP"])
     assert m.push("ST") == ("", False) and m.push("ay") == ("STay", False)
+
+
+def test_extreme_settings_still_sample():
+    """A temperature near zero picks the top token; penalties that overflow leave tokens out
+    instead of making the probabilities NaN."""
+    logits = torch.tensor([1.0, 5.0, -3.0, 4.9])
+    wide = dict(top_k=0, top_p=1.0, min_p=0.0, seed=3)
+    for temperature in (1e-45, 1e-30):
+        assert Sampler(SamplingParams(temperature=temperature, **wide))(logits, []) == 1
+    for penalty in (1e-30, 1e30):
+        token = Sampler(SamplingParams(temperature=0.8, repeat_penalty=penalty, **wide))(logits, [0, 2])
+        assert 0 <= token < 4
+
+
+def test_a_failing_sampler_ends_only_its_request():
+    import pytest
+
+    from pipellm_core.runtime.batching import ContinuousBatcher
+    from pipellm_core.runtime.request import Request
+
+    def broken(logits, history):
+        raise RuntimeError("sampler failed")
+
+    reqs = [Request([1, 2], 4, SamplingParams(temperature=0.7, seed=s)) for s in range(3)]
+    reqs[1].sampler = broken
+    logits = torch.tensor([[0.0, 9.0, 0.0], [0.0, 0.0, 9.0], [9.0, 0.0, 0.0]])
+    failed = []
+    picks = ContinuousBatcher.pick_tokens(reqs, logits, lambda r, e: failed.append((r, str(e))))
+    assert picks[1] is None and failed == [(reqs[1], "sampler failed")]
+    assert picks[0] in (0, 1, 2) and picks[2] in (0, 1, 2)
+    with pytest.raises(RuntimeError, match="sampler failed"):
+        ContinuousBatcher.pick_tokens(reqs, logits)
