@@ -155,7 +155,7 @@ def stage_speeds(engine, opts: PluginOptions, stages: int) -> list[float]:
             raise PluginError(f"pipeline.speeds: numbers separated by commas, got {text!r}") from None
         if len(speeds) != stages or min(speeds) <= 0:
             raise PluginError(f"pipeline: {text!r} for {stages} stages; give one speed above zero per stage")
-    elif engine.stage_group is None:
+    elif engine.stage_group is None and stages > 1:
         speeds = [engine.platform.stage_speed(s) for s in range(stages)]
     else:
         speeds = [1.0] * stages
