@@ -140,10 +140,12 @@ class ModelFile:
         if "token_embd.weight" not in self.tensors:
             raise GGUFError(f"GGUF lacks tensor 'token_embd.weight': {self.path}")
         vocab = self.tensors["token_embd.weight"].shape[0]
-        scaling = self.metadata(f"{arch}.rope.scaling.type", "none")
+        scaling = self.metadata(f"{arch}.rope.scaling.type", "linear")  # llama.cpp's default
         linear_scale = 1.0
         if scaling == "linear":
-            linear_scale = float(self.metadata(f"{arch}.rope.scaling.factor", 1.0))
+            factor = float(self.metadata(f"{arch}.rope.scaling.factor",
+                                         self.metadata(f"{arch}.rope.scale_linear", 0.0)) or 0.0)
+            linear_scale = factor if factor > 0 else 1.0  # 0 or absent: none, as llama.cpp reads it
         elif scaling not in ("none", None):
             raise UnsupportedModelError(f"unsupported RoPE scaling {scaling!r} (supported: none, linear)")
         n_layers = int(self._require(f"{arch}.block_count"))

@@ -35,6 +35,7 @@ class Shape:
     final_softcap: float = 0.0  # gemma2, gemma3: final_logit_softcapping (0: not written)
     rope_orig_context: int = 0  # phi3: rope.scaling.original_context_length, with rope factors
     rope_attn_factor: float = 0.0  # phi3: rope.scaling.attn_factor (0: not written)
+    rope_scale: float = 0.0  # rope.scaling.type linear with this rope.scaling.factor (0: not written)
 
     @property
     def head_size(self) -> int:
@@ -67,7 +68,7 @@ class Shape:
                          rope_attn_factor=self.rope_attn_factor or 1.0)
         return mf.ModelConfig(a, self.n_layers, self.n_embd, self.n_heads, self.n_kv_heads,
                               hd, self.n_ff, self.vocab_size, self.context_length, self.rms_eps,
-                              self.rope_base, mf.ROPE_STYLE[a], self.rope_dim or hd, 1.0, **extra)
+                              self.rope_base, mf.ROPE_STYLE[a], self.rope_dim or hd, self.rope_scale or 1.0, **extra)
 
 
 SHAPES = {
@@ -82,7 +83,8 @@ SHAPES = {
     "tiny-gemma2": Shape("gemma2", 3, 64, 128, 4, 2, 2048, 10000.0, 1e-6, tied_output=True, head_dim=32,
                          sliding_window=8, attn_softcap=10.0, final_softcap=8.0),
     "tiny-gemma3": Shape("gemma3", 6, 64, 128, 4, 2, 2048, 1000000.0, 1e-6, tied_output=True, head_dim=32,
-                         sliding_window=8, swa_pattern=3, rope_base_swa=10000.0, final_softcap=8.0),
+                         sliding_window=8, swa_pattern=3, rope_base_swa=20000.0, final_softcap=8.0,
+                         rope_scale=8.0),
     "tiny-phi3": Shape("phi3", 2, 128, 160, 4, 2, 2048, 10000.0, 1e-5, head_dim=32, rope_dim=24,
                        sliding_window=16, rope_orig_context=192, rope_attn_factor=1.19),
     "qwen3-8b": Shape("qwen3", 36, 4096, 12288, 32, 8, 40960, 1000000.0, 1e-6, head_dim=128, vocab_size=151936),
@@ -227,6 +229,9 @@ def write_random_gguf(path: str, shape: Shape | str, qtype: T = GGMLType.Q4_0, *
                        ("rope.scaling.attn_factor", shape.rope_attn_factor)):
         if value:
             w.add_float32(f"{a}.{key}", value)
+    if shape.rope_scale:
+        w.add_string(f"{a}.rope.scaling.type", "linear")
+        w.add_float32(f"{a}.rope.scaling.factor", shape.rope_scale)
 
     q, kv = shape.n_heads * hd, shape.n_kv_heads * hd
     plan: list[tuple[str, GGMLType, int, int, float]] = [

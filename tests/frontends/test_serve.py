@@ -217,3 +217,28 @@ def test_plugins_under_the_server_give_the_plain_answers(tiny, plugin_flags):
     assert with_plugins == plain
     pm = state.llm.backend.pm
     assert all(pm.get_plugin(name) is not None for name in plugin_flags[1].split(","))
+
+
+def test_bad_input_through_the_real_server(tiny):
+    """The bad inputs of test_serve_errors.py once more over HTTP, with the `openai` client where
+    it can send them (a raw request for malformed JSON): each its status and OpenAI's error body,
+    and the server keeps serving."""
+    flags = ["-m", tiny, "-np", "2", "-c", "64", "--temp", "0", "--alias", "tiny", "--api-key", "sk-right"]
+    with running_server(settings_from_flags(flags)) as (base, state):
+        good = client(base, "sk-right")
+        calls = [
+            (client(base, "sk-wrong"), dict(model="tiny", prompt="x", max_tokens=2), openai.AuthenticationError, 401),
+            (good, dict(model="no-such-model", prompt="x", max_tokens=2), openai.NotFoundError, 404),
+            (good, dict(model="tiny", prompt="x", max_tokens=2, temperature=-1), openai.BadRequestError, 400),
+            (good, dict(model="tiny", prompt="x " * 200, max_tokens=2), openai.BadRequestError, 400),
+        ]
+        for c, request, error, status in calls:
+            with pytest.raises(error) as raised:
+                c.completions.create(**request)
+            assert raised.value.status_code == status
+            body = raised.value.response.json()["error"]
+            assert set(body) >= {"message", "type", "code"} and body["message"]
+        status, _, raw = post(base + "/v1/completions", b"{not json", {"Authorization": "Bearer sk-right"})
+        assert status == 400 and json.loads(raw)["error"]["message"]
+        out = good.completions.create(model="tiny", prompt="Hello", max_tokens=3)
+        assert out.usage.completion_tokens == 3

@@ -72,7 +72,7 @@ def test_gemma_local_layers_and_scales(arch_files):
     assert g2.ffn_act == "gelu" and g2.post_norms and not g2.qk_norm
     g3 = ModelFile(arch_files["gemma3"]).config
     assert g3.swa_layers == (True, True, False, True, True, False)  # the file's period of 3
-    assert (g3.rope_base, g3.rope_base_swa, g3.attn_softcap) == (1e6, 1e4, 0.0)
+    assert (g3.rope_base, g3.rope_base_swa, g3.attn_softcap) == (1e6, 2e4, 0.0)  # 2e4: not the default
 
 
 def test_gemma_defaults_where_keys_are_absent(arch_files, tmp_path):
@@ -142,3 +142,18 @@ def test_layer_bytes_count_split_matrices(arch_files):
         weights = load_weights(mf, plan, progress=False)
         for i, lw in enumerate(weights.layers):
             assert HostLayer.pack(lw).nbytes <= packed_layer_bytes(mf.tensors, i), (arch, i)
+
+
+def test_linear_rope_scaling_read_as_llamacpp_reads_it(arch_files, tmp_path):
+    """Gemma 3's files from 4B up scale the global layers' positions linearly; llama.cpp takes
+    `rope.scaling.factor` (or the older `rope.scale_linear`) as linear where no type is given,
+    and a factor of 0 as none."""
+    assert ModelFile(arch_files["gemma3"]).config.rope_linear_scale == 8.0  # written with its type
+    cases = [({"gemma3.rope.scaling.type": ("none", GGUFValueType.STRING)}, ("gemma3.rope.scaling.factor",), 1.0),
+             ({"gemma3.rope.scaling.factor": (4.0, GGUFValueType.FLOAT32)}, ("gemma3.rope.scaling.type",), 4.0),
+             ({"gemma3.rope.scale_linear": (2.0, GGUFValueType.FLOAT32)},
+              ("gemma3.rope.scaling.type", "gemma3.rope.scaling.factor"), 2.0),
+             ({"gemma3.rope.scaling.factor": (0.0, GGUFValueType.FLOAT32)}, (), 1.0)]
+    for i, (keys, drop, scale) in enumerate(cases):
+        path = rewrite(arch_files["gemma3"], str(tmp_path / f"s{i}.gguf"), drop=drop, keys=keys)
+        assert ModelFile(path).config.rope_linear_scale == scale, keys
