@@ -3,7 +3,8 @@ build does: the teacher-forced distance (bench/fidelity.py) of several settings 
 path to llama.cpp CUDA, on the random-weight F32 models of the GPU tests.
 
 Settings, each a guess at what llama.cpp's CUDA build does differently:
-- `fp32`: as the engine runs today (float32 products in cuBLAS, float32 attention);
+- `fp32`: float32 products in cuBLAS, float32 attention (the engine before its TF32 rule,
+  which every setting here switches off);
 - `tf32`: products in TF32, as llama.cpp's cuBLAS handles and its F32 tensor-core kernel
   (`mmf`) compute F32 weights by more than 3 columns;
 - `attn32`: attention as two float32 products and a softmax instead of PyTorch's fused kernel;
@@ -28,7 +29,7 @@ from gguf import GGMLQuantizationType
 from pipellm_core.bench.fidelity import distance, engine_logits, llamacpp_logits, tokenize
 from pipellm_core.bench.fidelity_text import DEFAULT_TEXT
 from pipellm_core.gguf.synthetic import write_random_gguf
-from pipellm_core.model import transformer
+from pipellm_core.model import linear, transformer
 
 
 def attention_products(q, keys, values, mask, scale=None, softcap=0.0, rounded=False):
@@ -47,15 +48,16 @@ def attention_products(q, keys, values, mask, scale=None, softcap=0.0, rounded=F
 
 @contextlib.contextmanager
 def setting(name: str):
-    tf32, attention = torch.backends.cuda.matmul.allow_tf32, transformer.attention
+    tf32, attention, rule = torch.backends.cuda.matmul.allow_tf32, transformer.attention, linear.f32_in_tf32
     torch.backends.cuda.matmul.allow_tf32 = "tf32" in name
+    linear.f32_in_tf32 = lambda *args: False  # the engine's own rule (TF32 beyond 3 rows) off
     if "attn" in name:
         rounded = "attn16" in name
         transformer.attention = lambda *a, **k: attention_products(*a, **k, rounded=rounded)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, transformer.attention = tf32, attention
+        torch.backends.cuda.matmul.allow_tf32, transformer.attention, linear.f32_in_tf32 = tf32, attention, rule
 
 
 def main() -> None:

@@ -52,16 +52,21 @@ def linear(x: torch.Tensor, w: QuantizedMatrix, bias: torch.Tensor | None = None
 
 def f32_in_tf32(qtype: GGMLType, dtype: torch.dtype, rows: int, device_kind: str) -> bool:
     """Whether llama.cpp's CUDA build would multiply `rows` activation rows by weights of
-    `qtype` in TF32 (computing in `dtype` on `device_kind`)."""
+    `qtype` in TF32 (computing in `dtype` on `device_kind`). A decode step's rows are its
+    padded bucket's, in graphs and eager alike, so both choose the same."""
     return (device_kind == "cuda" and qtype == GGMLType.F32 and dtype == torch.float32
             and rows > LLAMACPP_F32_ROWS)
 
 
 @contextlib.contextmanager
 def tf32_products(on: bool):
-    """cuBLAS float32 products in TF32 within the block where `on`."""
+    """cuBLAS float32 products in TF32 within the block where `on`; elsewhere the process's
+    own setting, untouched."""
+    if not on:
+        yield
+        return
     before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cuda.matmul.allow_tf32 = True
     try:
         yield
     finally:

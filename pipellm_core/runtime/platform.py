@@ -52,8 +52,9 @@ class Platform:
         raise PipeLLMError("the CPU platform has no device memory to measure")
 
     def stage_speed(self, stage: int) -> float:
-        """How fast the GPU of pipeline stage `stage` multiplies matrices, in FLOP/s, measured
-        where it can be (the pipeline's split gives faster GPUs more layers); 1.0 on the CPU."""
+        """How fast the GPU of pipeline stage `stage` reads weights in a product, in bytes per
+        second, measured where it can be (the pipeline's split gives faster GPUs more layers);
+        1.0 on the CPU."""
         return 1.0
 
     # --- after the weights load -------------------------------------------------------------
@@ -191,20 +192,21 @@ class CudaPlatform(Platform):
         return free
 
     def stage_speed(self, stage: int) -> float:
-        """A bf16 product of a layer's size ([256, 4096] by [4096, 4096]) timed on the stage's GPU."""
+        """Bytes per second a matrix-vector product (bf16 [16384, 8192], 256 MiB) reads on the
+        stage's GPU: a decode step's time follows the bytes it reads."""
         device = self.stage_placement(stage)
         with torch.cuda.device(device):
-            a = torch.randn(256, 4096, device=device, dtype=torch.bfloat16)
-            b = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+            w = torch.randn(16384, 8192, device=device, dtype=torch.bfloat16)
+            x = torch.randn(8192, 1, device=device, dtype=torch.bfloat16)
             for _ in range(3):
-                a @ b
+                w @ x
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for _ in range(SPEED_REPEATS):
-                a @ b
+                w @ x
             end.record()
             end.synchronize()
-        return 2 * 256 * 4096 * 4096 * SPEED_REPEATS / (start.elapsed_time(end) / 1e3)
+        return w.numel() * w.element_size() * SPEED_REPEATS / (start.elapsed_time(end) / 1e3)
 
     def place(self, engine) -> None:
         super().place(engine)

@@ -11,9 +11,13 @@ from dataclasses import dataclass
 import torch
 
 
+# temperatures below this divide the logits past float32's range: the top token, as at 0
+GREEDY_BELOW = 1e-30
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.0  # 0 means greedy
+    temperature: float = 0.0  # 0 (or below GREEDY_BELOW) means greedy
     top_k: int = 40
     top_p: float = 0.95
     min_p: float = 0.05
@@ -23,7 +27,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 def apply_repeat_penalty(logits: torch.Tensor, history: list[int], penalty: float, last_n: int):
@@ -73,9 +77,11 @@ class Sampler:
         logits = apply_repeat_penalty(logits, history, p.repeat_penalty, p.repeat_last_n)
         if p.greedy:
             return int(torch.argmax(logits))
-        # from the largest logit down, so that a tiny temperature or a huge penalty overflows to
-        # -inf (a token left out) rather than to inf - inf
-        logits = torch.nan_to_num(filter_logits(logits, p), nan=float("-inf"),
-                                  posinf=torch.finfo(torch.float32).max, neginf=float("-inf"))
+        # a penalty that overflows gives the largest float, not inf (whose softmax is NaN)
+        logits = torch.nan_to_num(logits.float(), nan=float("-inf"), posinf=torch.finfo(torch.float32).max,
+                                  neginf=float("-inf"))
+        # from the largest logit down, so that a small temperature overflows to -inf (a token
+        # left out) rather than to inf - inf
+        logits = filter_logits(logits, p)
         probs = torch.softmax((logits - logits.max()) / p.temperature, -1).cpu()
         return int(torch.multinomial(probs, 1, generator=self.generator))

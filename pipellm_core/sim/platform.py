@@ -42,8 +42,8 @@ class SimPlatform(Platform):
         return self.runtime.device(0).free_bytes
 
     def stage_speed(self, stage: int) -> float:
-        """The matmul rate of the stage's virtual GPU (all of one profile)."""
-        return self.runtime.device(stage % len(self.runtime.devices)).profile.flops_per_s
+        """The memory bandwidth of the stage's virtual GPU (all of one profile)."""
+        return self.runtime.device(stage).profile.hbm_bytes_per_s
 
     def place(self, engine) -> None:
         """Charge each virtual GPU for what would live on it: resident weights and KV cache of

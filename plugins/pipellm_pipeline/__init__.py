@@ -30,8 +30,8 @@ Options (`-O pipeline.KEY=VALUE`):
                          (`--vram-budget` with a list sets it): limits of the split, and its
                          shares where the split by speed exceeds them
   pipeline.speeds        each stage's GPU speed, comma-separated (e.g. 1,0.6; default: measured
-                         with a bf16 product on each GPU, speeds within 10% of the fastest
-                         counting as equal; under torchrun, equal)
+                         as the bytes per second a product reads on each GPU; under
+                         torchrun, equal; speeds within 10% of the fastest count as equal)
   pipeline.split         time (default: steps of about equal time, as above) or bytes (about
                          equal bytes held on each GPU, the embedding's included)
   pipeline.kv_offload    1: with groups in flight, every group's KV cache lives in host memory
@@ -43,6 +43,7 @@ With `prefetch`, each stage streams the layers that exceed its own budget into s
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 
@@ -136,6 +137,7 @@ def partition(engine, config, opts: PluginOptions, stages: int) -> list[int]:
     if budgets and (by == "bytes" or any(b > limit for b, limit in zip(held, budgets))):
         of_layer = split_layers(layer_bytes, stages, budgets, first, last)
         held = stage_bytes(of_layer, layer_bytes, first, last)
+        speeds = [1.0] * stages  # not what this split followed: not printed
     if engine.progress and (engine.stage_group is None or engine.stage_group.first):
         print_split(of_layer, held, budgets, speeds)
     engine.plugin_state["pipeline.budgets"] = budgets
@@ -144,16 +146,17 @@ def partition(engine, config, opts: PluginOptions, stages: int) -> list[int]:
 
 def stage_speeds(engine, opts: PluginOptions, stages: int) -> list[float]:
     """Each stage's GPU speed relative to the fastest: `pipeline.speeds` where given, else
-    measured by the platform (one process; under torchrun the stages count as equal). Speeds
-    within SPEED_TOLERANCE of the fastest count as equal, so that timing noise between like
-    GPUs does not move layers from one load to the next."""
+    measured by the platform (the bytes per second a product reads; one process: under
+    torchrun the stages count as equal). Speeds within SPEED_TOLERANCE of the fastest, given or
+    measured, count as equal, so that timing noise between like GPUs does not move layers from
+    one load to the next."""
     text = opts.get("speeds")
     if text is not None:
         try:
             speeds = [float(part) for part in str(text).split(",")]
         except ValueError:
             raise PluginError(f"pipeline.speeds: numbers separated by commas, got {text!r}") from None
-        if len(speeds) != stages or min(speeds) <= 0:
+        if len(speeds) != stages or not all(math.isfinite(v) and v > 0 for v in speeds):
             raise PluginError(f"pipeline: {text!r} for {stages} stages; give one speed above zero per stage")
     elif engine.stage_group is None and stages > 1:
         speeds = [engine.platform.stage_speed(s) for s in range(stages)]

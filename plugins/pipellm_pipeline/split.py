@@ -32,14 +32,15 @@ def split_layers(layer_bytes: list[float], n_stages: int, shares: list[float] | 
         for j in range(k + 1, n + 1):
             least[k][j] = min(max(least[k - 1][i], load(k, i, j)) for i in range(k, j))
     limit = least[-1][n] * (1 + 1e-9)
-    stages, start = [], 0
-    for k in range(n_stages):
-        stop = n if k == n_stages - 1 else start + 1
-        while k < n_stages - 1 and stop < n - (n_stages - 1 - k) and load(k, start, stop + 1) <= limit:
-            stop += 1
-        stages += [k] * (stop - start)
-        start = stop
-    return stages
+    # from the last stage back, each starting as late as the limit allows, so that the earlier
+    # stages take as many layers as they can
+    stops, j = [n], n
+    for k in range(n_stages - 1, 0, -1):
+        j = next(i for i in range(j - 1, k - 1, -1) if least[k - 1][i] <= limit and load(k, i, j) <= limit)
+        stops.append(j)
+    stops.append(0)
+    stops.reverse()
+    return [k for k in range(n_stages) for _ in range(stops[k], stops[k + 1])]
 
 
 def stage_bytes(of_layer: list[int], layer_bytes: list[int], first_bytes: int, last_bytes: int) -> list[int]:

@@ -165,16 +165,28 @@ def test_load_200_requests_16_at_a_time(tiny_server):
 
 
 def test_greedy_answer_equals_pipellm_run(smollm2_path):
-    prompt = "The capital of France is"
-    out = io.StringIO()
+    """Completions and chat completions, greedy, give `pipellm run`'s text for the same prompts."""
     from pipellm_core.frontends.cli import main
-    with redirect_stdout(out):
-        assert main(["run", "-p", prompt, "-n", "6", "--temp", "0", "-c", "256", "--device", "cpu",
-                     "--no-progress"]) == 0
+
+    def run(*flags):
+        out = io.StringIO()
+        with redirect_stdout(out):
+            assert main(["run", *flags, "-n", "6", "--temp", "0", "-c", "256", "--device", "cpu",
+                         "--no-progress"]) == 0
+        return out.getvalue()
+    prompts = ["The capital of France is", "def add(a, b):", "Once upon a time"]
+    question = "What is the capital of France?"
+    expected = [run("-p", p) for p in prompts]
+    expected_chat = run("--chat", "-p", question)
+    name = Path(smollm2_path).name
     with running_server(settings_from_flags(["-np", "2", "-c", "256"])) as (base, _):
         c = client(base)
-        plain = c.completions.create(model=Path(smollm2_path).name, prompt=prompt, max_tokens=6, temperature=0)
-    assert out.getvalue() == plain.choices[0].text + "\n"
+        for prompt, text in zip(prompts, expected):
+            plain = c.completions.create(model=name, prompt=prompt, max_tokens=6, temperature=0)
+            assert text == plain.choices[0].text + "\n"
+        chat = c.chat.completions.create(model=name, messages=[{"role": "user", "content": question}],
+                                         max_tokens=6, temperature=0)
+        assert expected_chat == chat.choices[0].message.content + "\n"
 
 
 def test_sim_batch_grows_and_shrinks(tiny):

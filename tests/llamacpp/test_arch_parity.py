@@ -1,7 +1,8 @@
 """qwen3, gemma2, gemma3 and phi3 against llama.cpp: small random-weight F32 GGUFs written here
-with every optional tensor and metadata key of their architecture (q/k norms, post-norms, local
-windows of 8 or 16 positions that the 32-token continuations pass, soft-capping, a local RoPE
-base, phi3's fused matrices, long and short RoPE factors and attention factor, partial RoPE)."""
+with every optional tensor and metadata key of their architecture (q/k norms, separate and tied
+heads, post-norms, local windows of 8 or 16 positions that the 32-token continuations pass,
+soft-capping, a local RoPE base, Gemma 3's linear RoPE scaling, phi3's fused matrices, long and
+short RoPE factors and attention factor, partial RoPE)."""
 
 from dataclasses import replace
 
@@ -20,6 +21,8 @@ GREEDY_NEAR_TIE = 0.01
 
 VARIANTS = {
     "qwen3": SHAPES["tiny-qwen3"],
+    # the small Qwen3 models tie the output head to the embedding
+    "qwen3-tied": replace(SHAPES["tiny-qwen3"], tied_output=True),
     "gemma2": SHAPES["tiny-gemma2"],
     "gemma3": SHAPES["tiny-gemma3"],
     # the context (256) exceeds the original 192: llama.cpp takes the long RoPE factors

@@ -51,6 +51,12 @@ def test_layers_split_into_contiguous_stages_of_equal_bytes():
     # shares: budgets of 2:1 put two thirds of the bytes on stage 0
     assert split_layers([1] * 6, 2, shares=[2, 1]) == [0, 0, 0, 0, 1, 1]
     assert split_layers([1] * 6, 3, shares=[1, 1, 4]) == [0, 1, 2, 2, 2, 2]
+    assert stage_bytes([0, 0, 1], [3, 4, 5], 10, 20) == [17, 25]
+    assert micro_batch_rows(32, 2) == [(0, 16), (16, 32)]
+    assert micro_batch_rows(3, 2) == [(0, 2), (2, 3)] and micro_batch_rows(1, 4) == [(0, 1)]
+    # uneven layers and shares: the split that fits, where filling each stage in turn would
+    # leave the small middle stage a layer it cannot hold
+    assert split_layers([100, 100, 120, 120, 100], 3, [350, 105, 350]) == [0, 1, 2, 2, 2]
 
     # the split by time of a Llama-8B shape: the head reads 2.4 layers' worth of bytes, the
     # embedding nothing, so the first of two equal GPUs takes 17 layers and the second 15
@@ -63,7 +69,7 @@ def test_split_options_and_speeds(model, capsys):
     with pytest.raises(PluginError, match="pipeline.split: 'time' or 'bytes'"):
         Engine(model, sim="h100", sim_devices=2, plugins=["pipeline"], progress=False,
                plugin_options={"pipeline.split": "layers"})
-    for bad in ("1,x", "1", "1,0"):
+    for bad in ("1,x", "1", "1,0", "nan,1", "inf,1"):
         with pytest.raises(PluginError, match="pipeline"):
             Engine(model, sim="h100", sim_devices=2, plugins=["pipeline"], progress=False,
                    plugin_options={"pipeline.speeds": bad})
@@ -74,9 +80,6 @@ def test_split_options_and_speeds(model, capsys):
     assert "speed 1.00" in err and "speed 0.50" in err and "speed 0.95" not in err
     Engine(model, sim="h100", sim_devices=2, plugins=["pipeline"], progress=True)
     assert "speed" not in capsys.readouterr().err  # the sim's GPUs, measured: all alike
-    assert stage_bytes([0, 0, 1], [3, 4, 5], 10, 20) == [17, 25]
-    assert micro_batch_rows(32, 2) == [(0, 16), (16, 32)]
-    assert micro_batch_rows(3, 2) == [(0, 2), (2, 3)] and micro_batch_rows(1, 4) == [(0, 1)]
 
 
 def test_fill_and_drain_ticks():
