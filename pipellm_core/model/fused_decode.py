@@ -79,10 +79,10 @@ def layer(model, i: int, h: torch.Tensor, positions: torch.Tensor, slots: torch.
 
 def attention_applies(config, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether a decode step's attention of the torch path (`Transformer._layer`, the layers
-    `applies` leaves to it: q/k norms, post-norms, GELU, local windows) reads the cache in place
-    with the decode kernel: on the kernels' device, fp16, no attention-logit soft-capping."""
+    `applies` leaves to it: q/k norms, post-norms, GELU, local windows, soft-capped scores)
+    reads the cache in place with the decode kernel: on the kernels' device, fp16."""
     return (products.runs_here(q.device) and q.dtype == torch.float16 and k_cache.dtype == torch.float16
-            and not config.attn_softcap and config.head_dim in ATTENTION_HEAD_DIMS)
+            and config.head_dim in ATTENTION_HEAD_DIMS)
 
 
 def attention_in_place(config, q, k_cache, v_cache, slots, positions, ctx_len: int, window: int):
@@ -91,7 +91,8 @@ def attention_in_place(config, q, k_cache, v_cache, slots, positions, ctx_len: i
     attention_kernel, _, _ = _kernels()
     B, _, H, D = q.shape
     out = attention_kernel.decode_attention(q.reshape(B, H, D), k_cache, v_cache, slots, positions.reshape(B) + 1,
-                                            ctx_len, config.query_scale, window=window)
+                                            ctx_len, config.query_scale, window=window,
+                                            softcap=config.attn_softcap)
     return out.reshape(B, 1, H, D)
 
 

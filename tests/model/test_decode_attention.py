@@ -28,7 +28,7 @@ def poisoned_empty(*args, **kwargs):
     return t.fill_(float("nan")) if t.is_floating_point() else t
 torch.empty = poisoned_empty
 
-def reference(q, kc, vc, slots, lengths, scale, window=0):
+def reference(q, kc, vc, slots, lengths, scale, window=0, softcap=0.0):
     B, H, D = q.shape
     G = H // kc.shape[1]
     out = torch.empty(B, H, D, dtype=torch.float64, device=q.device)
@@ -37,11 +37,14 @@ def reference(q, kc, vc, slots, lengths, scale, window=0):
         F = max(0, L - window) if window else 0
         k = kc[slots[b], :, F:L].double().repeat_interleave(G, 0)  # [H, L - F, D]
         v = vc[slots[b], :, F:L].double().repeat_interleave(G, 0)
-        w = torch.softmax(torch.einsum("hd,hld->hl", q[b].double(), k) * scale, -1)
+        scores = torch.einsum("hd,hld->hl", q[b].double(), k) * scale
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
+        w = torch.softmax(scores, -1)
         out[b] = torch.einsum("hl,hld->hd", w, v)
     return out
 
-def check(B, H, KV, D, ctx_len, S, seed, given_workspace, window=0):
+def check(B, H, KV, D, ctx_len, S, seed, given_workspace, window=0, softcap=0.0):
     g = torch.Generator().manual_seed(seed)
     C = ctx_len + 7
     q = torch.randn(B, H, D, generator=g).half().to(dev)
@@ -64,11 +67,14 @@ def check(B, H, KV, D, ctx_len, S, seed, given_workspace, window=0):
     workspace = None
     if given_workspace:
         workspace = torch.full((kernel.workspace_size(B, H, D, ctx_len),), float("nan"), device=dev)
-    got = kernel.decode_attention(q, kc, vc, slots, lengths, ctx_len, scale, workspace, window)
-    again = kernel.decode_attention(q, kc, vc, slots, lengths, ctx_len, scale, workspace, window)
-    want = reference(q, kc, vc, slots, lengths, scale, window)
+    got = kernel.decode_attention(q, kc, vc, slots, lengths, ctx_len, scale, workspace, window, softcap)
+    again = kernel.decode_attention(q, kc, vc, slots, lengths, ctx_len, scale, workspace, window, softcap)
+    want = reference(q, kc, vc, slots, lengths, scale, window, softcap)
     err = ((got.double() - want).norm() / want.norm()).item()
-    case = (B, H, KV, D, ctx_len, window, kernel.split_shape(B, H, ctx_len), lengths.tolist())
+    if softcap:  # the cap changes the answer: not the uncapped attention
+        uncapped = reference(q, kc, vc, slots, lengths, scale, window)
+        assert ((uncapped - want).norm() / want.norm()).item() > 10 * bound
+    case = (B, H, KV, D, ctx_len, window, softcap, kernel.split_shape(B, H, ctx_len), lengths.tolist())
     assert got.shape == (B, H, D) and got.dtype == torch.float16, case
     assert torch.isfinite(got).all() and err < bound, (case, err)
     assert torch.equal(got, again), case
@@ -81,6 +87,9 @@ for i, (B, H, KV, D, ctx_len, window) in enumerate([(1, 4, 2, 64, 300, 100), (3,
                                                     (3, 9, 3, 64, 100, 1), (2, 4, 4, 128, 200, 500),
                                                     (2, 8, 4, 256, 150, 64)]):
     check(B, H, KV, D, ctx_len, S=max(5, B + 1), seed=100 + i, given_workspace=i % 2 == 1, window=window)
+# soft-capped scores (Gemma 2), with and without a window; a cap small enough to bite
+for i, (B, H, KV, D, ctx_len, window, cap) in enumerate([(2, 8, 4, 64, 200, 0, 1.0), (3, 4, 2, 128, 150, 32, 0.5)]):
+    check(B, H, KV, D, ctx_len, S=max(5, B + 1), seed=300 + i, given_workspace=i == 0, window=window, softcap=cap)
 EXTRA
 print("ok")
 """
@@ -134,28 +143,29 @@ from pipellm_core.model import fused_decode
 from pipellm_core.model.transformer import Transformer, attention
 
 # the torch path's decode attention read in place (`fused_decode.attention_in_place`) against
-# the same path's gather-and-mask attention, with and without a sliding window
+# the same path's gather-and-mask attention, with and without a sliding window and soft-capping
 g = torch.Generator().manual_seed(5)
 B, H, KV, D, S, C = 3, 8, 2, 64, 6, 160
-config = types.SimpleNamespace(attn_softcap=0.0, head_dim=D, query_scale=0.7 / math.sqrt(D))
+configs = [types.SimpleNamespace(attn_softcap=cap, head_dim=D, query_scale=0.7 / math.sqrt(D)) for cap in (0.0, 1.5)]
 kc = torch.randn(S, KV, C, D, generator=g).half()
 vc = torch.randn(S, KV, C, D, generator=g).half()
 q = torch.randn(B, 1, H, D, generator=g).half()
 slots = torch.tensor([4, 0, 2])
 positions = torch.tensor([[130], [7], [64]])
 ctx_len = 131
-assert fused_decode.attention_applies(config, q, kc)
 keys = torch.arange(ctx_len)
-for window in (0, 32, 1):
-    got = fused_decode.attention_in_place(config, q, kc, vc, slots, positions, ctx_len, window)
-    seen = keys[None, None, :] <= positions[:, :, None]
-    if window:
-        seen &= keys[None, None, :] > positions[:, :, None] - window
-    want = attention(q.float(), kc[slots, :, :ctx_len].float(), vc[slots, :, :ctx_len].float(),
-                     seen.unsqueeze(1), config.query_scale)
-    err = ((got.float() - want).norm() / want.norm()).item()
-    assert got.shape == (B, 1, H, D) and err < 2e-3, (window, err)
-    print("window", window, f"{err:.1e}")
+for config in configs:
+    assert fused_decode.attention_applies(config, q, kc)
+    for window in (0, 32, 1):
+        got = fused_decode.attention_in_place(config, q, kc, vc, slots, positions, ctx_len, window)
+        seen = keys[None, None, :] <= positions[:, :, None]
+        if window:
+            seen &= keys[None, None, :] > positions[:, :, None] - window
+        want = attention(q.float(), kc[slots, :, :ctx_len].float(), vc[slots, :, :ctx_len].float(),
+                         seen.unsqueeze(1), config.query_scale, config.attn_softcap)
+        err = ((got.float() - want).norm() / want.norm()).item()
+        assert got.shape == (B, 1, H, D) and err < 2e-3, (config.attn_softcap, window, err)
+        print("softcap", config.attn_softcap, "window", window, f"{err:.1e}")
 print("ok")
 """
 

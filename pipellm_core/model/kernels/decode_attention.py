@@ -61,7 +61,8 @@ def workspace_size(B: int, H: int, D: int, ctx_len: int) -> int:
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      slots: torch.Tensor, lengths: torch.Tensor, ctx_len: int, scale: float,
-                     workspace: torch.Tensor | None = None, window: int = 0) -> torch.Tensor:
+                     workspace: torch.Tensor | None = None, window: int = 0,
+                     softcap: float = 0.0) -> torch.Tensor:
     """Attention of one new query per row over that row's cached positions.
 
     q: fp16 [B, H, D]; k_cache, v_cache: fp16 [S, KV, C, D] with H a multiple of KV and D in
@@ -70,8 +71,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     0 gives zeros); ctx_len: static bound on the lengths, at most C; workspace: float32, at least
     `workspace_size(B, H, D, ctx_len)` elements (allocated here when None); window: where set, a
     row attends only its last `window` positions (a sliding-window layer), and the positions
-    before them are not read: the splits that hold none of them exit without work.
-    Returns fp16 [B, H, D] = softmax(q k^T * scale) v over the attended positions.
+    before them are not read: the splits that hold none of them exit without work; softcap:
+    where set, the scores are softcap * tanh(q k^T * scale / softcap) (Gemma 2).
+    Returns fp16 [B, H, D] = softmax(scores) v over the attended positions.
     """
     B, H, D = q.shape
     S, KV, C, Dk = k_cache.shape
@@ -79,7 +81,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     assert v_cache.shape == k_cache.shape and v_cache.stride() == k_cache.stride()
     assert Dk == D and D in HEAD_DIMS and H % KV == 0 and 0 < ctx_len <= C
     assert q.stride(2) == 1 and k_cache.stride(3) == 1
-    assert slots.shape == (B,) and lengths.shape == (B,) and window >= 0
+    assert slots.shape == (B,) and lengths.shape == (B,) and window >= 0 and softcap >= 0
     G = H // KV
     split_len, n_splits = split_shape(B, H, ctx_len)
     need = B * H * n_splits * (D + 2)
@@ -95,6 +97,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             q, k_cache, v_cache, slots, lengths, workspace,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             ctx_len, split_len, n_splits, H, m_offset, l_offset, scale * LOG2_E, window,
+            scale / softcap if softcap else 0.0, softcap * LOG2_E, SOFTCAP=softcap > 0,
             G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, D_PAD=D_PAD, BLOCK_N=BLOCK_N,
             num_warps=4, num_stages=2)
         _merge_splits[(B, H)](
@@ -109,6 +112,7 @@ if triton is not None:
     def _attend_split(q_ptr, k_ptr, v_ptr, slots_ptr, lengths_ptr, ws_ptr,
                       stride_qb, stride_qh, stride_cs, stride_ch, stride_cp,
                       ctx_len, split_len, n_splits, H, m_offset, l_offset, qk_scale, window,
+                      cap_in, cap_out, SOFTCAP: tl.constexpr,
                       G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                       BLOCK_N: tl.constexpr):
         b = tl.program_id(0)
@@ -139,7 +143,11 @@ if triton is not None:
             offsets = base + n[:, None].to(tl.int64) * stride_cp + d[None, :]
             tile_ok = valid[:, None] & d_ok[None, :]
             k = tl.load(k_ptr + offsets, mask=tile_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale  # log2 domain
+            s = tl.dot(q, tl.trans(k))
+            if SOFTCAP:  # cap * tanh(s * scale / cap), tanh(x) = 1 - 2 / (exp(2x) + 1)
+                s = cap_out * (1.0 - 2.0 / (tl.exp(2.0 * s * cap_in) + 1.0))  # log2 domain
+            else:
+                s = s * qk_scale  # log2 domain
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
