@@ -19,19 +19,11 @@
 #   kernels_session.sh four BUNDLE  on a bare machine: set-up with only its two models, then the
 #                                   Gemma 3 270M and Qwen3-8B shapes (Q4_K_M mix) at batch 1 and
 #                                   32 against llama.cpp, with the package's tile table
-# PART: a half of the real SmolLM2 file (device_run.sh model).
+# PART: a piece folder of the real model files (prepare_device_models.sh, device_run.sh model);
+# SmolLM2 is in place once .models/1 and .models/2 have both been carried.
 set -uo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
-run() { bash "$here/device_run.sh" "$@"; }
-m=${PIPELLM_DEVICE_WORK:-/tmp/pipellm}
-export OUT=${OUT:-/tmp/out}
-export PIPELLM_TEST_VOCAB=$m/smollm2-vocab.gguf
-BUNDLE=${BUNDLE:-.bundle}
+source "$(dirname "$0")/session_env.sh"
 [ -f $m/k_tiles.json ] && export PIPELLM_K_TILES=$m/k_tiles.json
-bench() {  # NAME LABEL FILE [extra bench flags]; BATCHES overrides 1,8,32
-  local name=$1 label=$2 file=$3; shift 3
-  run bench "$name" -m "$m/$file" --label "$label" --ablate "none;graphs" -b "${BATCHES:-1,8,32}" -n 48 --repeats 2 "$@"
-}
 case $1 in
 one)
   run setup "$2" smollm2-135m-q4_1 llama-8b-q4_0 llama-8b-q4_k_m llama-8b-f16 gemma3-270m-q4_k_m qwen3-8b-q4_k_m
@@ -51,21 +43,21 @@ two)
   timeout 60 bash "$here/device_run.sh" py benchmarks/kernels.py --models llama-8b-q4_k_m --batches 1,8,32 \
     --json "$OUT/kernels_q4_k_m.json" | tee "$OUT/kernels_q4_k_m.txt" | tail -20
   run wait || exit 1
-  bench llama-8b-q4_k_m "Llama-8B shape Q4_K_M mix" llama-8b-q4_k_m.gguf
+  bench llama-8b-q4_k_m "Llama-8B shape Q4_K_M mix" $m/llama-8b-q4_k_m.gguf 1,8,32
   ;;
 three)
   run model "$2"
   run wait || exit 1
-  bench llama-8b-q4_0 "Llama-8B shape Q4_0" llama-8b-q4_0.gguf
-  BATCHES=1,32 bench gemma3-270m-q4_k_m "Gemma 3 270M shape Q4_K_M mix, Gemma 3 tokenizer" gemma3-270m-q4_k_m.gguf
-  BATCHES=1,32 bench qwen3-8b-q4_k_m "Qwen3-8B shape Q4_K_M mix" qwen3-8b-q4_k_m.gguf
+  bench llama-8b-q4_0 "Llama-8B shape Q4_0" $m/llama-8b-q4_0.gguf 1,8,32
+  bench gemma3-270m-q4_k_m "Gemma 3 270M shape Q4_K_M mix, Gemma 3 tokenizer" $m/gemma3-270m-q4_k_m.gguf 1,32
+  bench qwen3-8b-q4_k_m "Qwen3-8B shape Q4_K_M mix" $m/qwen3-8b-q4_k_m.gguf 1,32
   timeout 150 bash "$here/device_run.sh" tests tests/plugins tests/runtime tests/llamacpp
   run py -m pipellm_core.frontends.cli compare --device cuda 2>&1 | tee "$OUT/compare_cuda.txt" | tail -8
   ;;
 f16-prefetch)
   run model "$2"
   run wait || exit 1
-  bench llama-8b-f16 "Llama-8B shape F16" llama-8b-f16.gguf
+  bench llama-8b-f16 "Llama-8B shape F16" $m/llama-8b-f16.gguf 1,8,32
   run bench llama-8b-q4_0-prefetch -m $m/llama-8b-q4_0.gguf \
     --label "Llama-8B shape Q4_0, 16 of 32 layers resident" --ablate "prefetch,graphs" \
     -O prefetch.resident_layers=16 --baseline-gpu-layers 16 -b 1,8,32 -n 32 --repeats 2
@@ -74,7 +66,7 @@ four)
   unset PIPELLM_K_TILES PIPELLM_Q32_TILES  # the tables shipped with the package
   run setup "$2" gemma3-270m-q4_k_m qwen3-8b-q4_k_m
   run wait || exit 1
-  BATCHES=1,32 bench gemma3-270m-q4_k_m "Gemma 3 270M shape Q4_K_M mix, Gemma 3 tokenizer" gemma3-270m-q4_k_m.gguf
-  BATCHES=1,32 bench qwen3-8b-q4_k_m "Qwen3-8B shape Q4_K_M mix" qwen3-8b-q4_k_m.gguf
+  bench gemma3-270m-q4_k_m "Gemma 3 270M shape Q4_K_M mix, Gemma 3 tokenizer" $m/gemma3-270m-q4_k_m.gguf 1,32
+  bench qwen3-8b-q4_k_m "Qwen3-8B shape Q4_K_M mix" $m/qwen3-8b-q4_k_m.gguf 1,32
   ;;
 esac

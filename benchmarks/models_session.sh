@@ -17,16 +17,7 @@
 #   models_session.sh six      (.models/6) the real Gemma 3 270M at batch 1 and 32, and its
 #                              tests against llama.cpp run where CUDA is the default device
 set -uo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
-run() { bash "$here/device_run.sh" "$@"; }
-m=${PIPELLM_DEVICE_WORK:-/tmp/pipellm}
-export OUT=${OUT:-/tmp/out}
-export PIPELLM_TEST_VOCAB=$m/smollm2-vocab.gguf
-BUNDLE=${BUNDLE:-.bundle}
-bench() {  # NAME LABEL FILE BATCHES [extra bench flags]
-  local name=$1 label=$2 file=$3 batches=$4; shift 4
-  run bench "$name" -m "$file" --label "$label" --ablate "none;graphs" -b "$batches" -n 48 --repeats 2 "$@"
-}
+source "$(dirname "$0")/session_env.sh"
 case $1 in
 one)
   run setup-server "$BUNDLE" smollm2-135m-q4_1 llama-8b-q4_0 qwen3-8b-q4_k_m

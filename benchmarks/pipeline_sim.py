@@ -141,13 +141,18 @@ def offload_table(rows: list[dict]) -> str:
              "cache | fits | tok/s | stage busy | copies in and compute at once: share of the copies / of the compute |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        big = max(r["partition"], key=lambda p: p["weights_bytes"] + p["kv_cache_bytes"])
         lines.append(f"| {r['gpus']} | {r['groups']} × {r['per_group']} | {r['sequences']} | "
-                     f"{'yes' if r['fits_without_offload'] else 'no'} | {format_size(big['weights_bytes'])} + "
-                     f"{format_size(big['kv_cache_bytes'])} | {'yes' if r['fits'] else 'no'} | "
+                     f"{'yes' if r['fits_without_offload'] else 'no'} | {largest_share(r['partition'])} | "
+                     f"{'yes' if r['fits'] else 'no'} | "
                      f"{r['groups_tok_s']:.0f} | {percent(r['stage_busy'])} | "
                      f"{percent(r['overlap_of_copies_in_and_compute'])} |")
     return "\n".join(lines) + "\n"
+
+
+def largest_share(partition: list[dict]) -> str:
+    """The GPU that holds most, as 'weights + KV cache'."""
+    big = max(partition, key=lambda p: p["weights_bytes"] + p["kv_cache_bytes"])
+    return f"{format_size(big['weights_bytes'])} + {format_size(big['kv_cache_bytes'])}"
 
 
 def percent(values) -> str:
@@ -171,11 +176,9 @@ def rtx4090_table(rows: list[dict]) -> str:
              "| stage busy | bubble | largest GPU share: weights + KV cache | fits in 24 GB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        big = max(r["partition"], key=lambda p: p["weights_bytes"] + p["kv_cache_bytes"])
         lines.append(f"| {r['gpus']} | {r['per_group']} | {r['total_batch']} | {r['split_tok_s']:.0f} | "
                      f"{r['groups_tok_s']:.0f} | {r['gain_vs_split']:.2f}x | {percent(r['stage_busy'])} | "
-                     f"{r['bubble']:.1%} | {format_size(big['weights_bytes'])} + "
-                     f"{format_size(big['kv_cache_bytes'])} | {'yes' if r['fits'] else 'no'} |")
+                     f"{r['bubble']:.1%} | {largest_share(r['partition'])} | {'yes' if r['fits'] else 'no'} |")
     return "\n".join(lines) + "\n"
 
 
